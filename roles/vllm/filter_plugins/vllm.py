@@ -1,0 +1,225 @@
+"""Filters that turn the one declaration of model, adapters and engine settings
+into what the service runs: the `vllm serve` argv and its systemd ExecStart line.
+
+Kept here, in plain typed Python, so the flags are unit-tested without a host.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# vLLM 0.11.0 config/lora.py: max_lora_rank must be one of these.
+ALLOWED_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+LORA_DTYPES = ("auto", "float16", "bfloat16")
+# An adapter name ends up in a URL path, a JSON value, a directory name and a
+# systemd command line: keep it to characters that are safe in all four.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def vllm_lora_modules(adapters: list[dict[str, Any]], base_model_name: str) -> list[str]:
+    """One JSON value per adapter for `--lora-modules` (all after ONE flag:
+    a second `--lora-modules` would replace the first list)."""
+    return [
+        json.dumps(
+            {"name": adapter["name"], "path": adapter["path"], "base_model_name": base_model_name},
+            separators=(",", ":"),
+        )
+        for adapter in adapters
+    ]
+
+
+def vllm_adapter_targets(adapters: list[dict[str, Any]], adapter_dir: str) -> list[dict[str, str]]:
+    """Where each adapter lives on the host: adopted in place, or under adapter_dir."""
+    return [
+        {
+            "name": str(adapter["name"]),
+            "path": str(adapter["path"]) if adapter.get("source", "controller") == "host"
+            else f"{adapter_dir.rstrip('/')}/{adapter['name']}",
+        }
+        for adapter in adapters
+    ]
+
+
+def vllm_artifacts(
+    model: dict[str, Any], model_path: str, adapters: list[dict[str, Any]], adapter_dir: str
+) -> list[dict[str, Any]]:
+    """Model and adapters as one list of things to place on the host.
+
+    dest is where vLLM reads it; src the controller path (source controller);
+    for source host, dest is the given path itself (adopted in place).
+    """
+    targets = {entry["name"]: entry["path"] for entry in vllm_adapter_targets(adapters, adapter_dir)}
+    items = [("model", model, model_path)] + [("adapter", a, targets[str(a["name"])]) for a in adapters]
+    result: list[dict[str, Any]] = []
+    for kind, item, dest in items:
+        source = item.get("source", "controller")
+        entry: dict[str, Any] = {"kind": kind, "name": str(item["name"]), "source": source, "dest": dest}
+        if source == "controller":
+            entry["src"] = str(item["path"]).rstrip("/")
+        elif source == "host":
+            entry["path"] = dest
+            entry["checksums"] = dict(item.get("checksums") or {})
+        else:
+            entry["repo_id"] = str(item.get("repo_id", ""))
+            entry["revision"] = str(item.get("revision", ""))
+        result.append(entry)
+    return result
+
+
+def vllm_with_manifests(manifest_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join each looped artifact with the file manifest vllm_manifest returned."""
+    return [{**result["item"], "files": result["files"]} for result in manifest_results]
+
+
+def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
+    """The argv after `vllm serve`, from the role's settings dict.
+
+    Keys: model_path, served_names, host, port, max_model_len, dtype,
+    gpu_memory_utilization, tensor_parallel_size, quantization, device,
+    adapters [{name, path}], max_loras, max_lora_rank, lora_dtype,
+    max_cpu_loras, middleware [import paths], extra_args.
+    """
+    served_names: list[str] = list(settings["served_names"])
+    args: list[str] = [str(settings["model_path"])]
+    args += ["--served-model-name", *served_names]
+    args += ["--host", str(settings["host"]), "--port", str(settings["port"])]
+    args += ["--max-model-len", str(settings["max_model_len"])]
+    args += ["--dtype", str(settings["dtype"])]
+    if settings.get("device", "cuda") == "cuda":
+        args += ["--gpu-memory-utilization", str(settings["gpu_memory_utilization"])]
+        args += ["--tensor-parallel-size", str(settings["tensor_parallel_size"])]
+    quantization = str(settings.get("quantization") or "none")
+    if quantization not in ("auto", "none"):
+        args += ["--quantization", quantization]
+    adapters: list[dict[str, Any]] = list(settings.get("adapters") or [])
+    if adapters:
+        args += ["--enable-lora"]
+        args += ["--max-loras", str(settings["max_loras"])]
+        args += ["--max-lora-rank", str(settings["max_lora_rank"])]
+        args += ["--lora-dtype", str(settings["lora_dtype"])]
+        if int(settings.get("max_cpu_loras") or 0) > 0:
+            args += ["--max-cpu-loras", str(settings["max_cpu_loras"])]
+        args += ["--lora-modules", *vllm_lora_modules(adapters, served_names[0])]
+    for middleware in settings.get("middleware") or []:
+        args += ["--middleware", str(middleware)]
+    args += [str(arg) for arg in settings.get("extra_args") or []]
+    return args
+
+
+def vllm_systemd_quote(word: str) -> str:
+    """Quote one argv word for a systemd ExecStart= line.
+
+    systemd expands `%` specifiers and `$VAR` even inside quotes, so both are
+    doubled; words with spaces, quotes or backslashes are double-quoted with
+    C-style escapes, which systemd undoes (systemd.syntax(7)).
+    """
+    escaped = word.replace("%", "%%").replace("$", "$$")
+    if escaped and re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", escaped):
+        return escaped
+    escaped = escaped.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def vllm_systemd_env(assignment: str) -> str:
+    """Quote one KEY=value for Environment=: `%` is a specifier there, `$` is not."""
+    escaped = str(assignment).replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def vllm_systemd_exec(argv: list[str]) -> str:
+    """A whole argv as one ExecStart= value."""
+    return " ".join(vllm_systemd_quote(str(word)) for word in argv)
+
+
+def vllm_min_lora_rank(ranks: list[int]) -> int:
+    """The smallest rank vLLM allows that fits every adapter's rank."""
+    needed = max([int(rank) for rank in ranks] or [ALLOWED_MAX_LORA_RANKS[0]])
+    for allowed in ALLOWED_MAX_LORA_RANKS:
+        if allowed >= needed:
+            return allowed
+    raise ValueError(f"LoRA rank {needed} exceeds vLLM's largest max-lora-rank {ALLOWED_MAX_LORA_RANKS[-1]}")
+
+
+def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
+    """Problems in the declaration that argument_specs cannot express.
+
+    Each message names the variable, the value and the fix. Empty list: fine.
+    """
+    errors: list[str] = []
+    model = declaration.get("model") or {}
+    served = list(declaration.get("served_names") or [])
+    adapters = list(declaration.get("adapters") or [])
+    source = model.get("source")
+    if source in ("controller", "host") and not str(model.get("path") or "").startswith("/"):
+        errors.append(
+            f"vllm_model.path={model.get('path')!r}: source '{source}' needs an absolute path to the model directory."
+        )
+    if source == "hf":
+        if not model.get("repo_id"):
+            errors.append("vllm_model.repo_id is empty: source 'hf' needs the repository id, e.g. Qwen/Qwen2.5-7B-Instruct-AWQ.")
+        if not re.fullmatch(r"[0-9a-f]{40}", str(model.get("revision") or "")):
+            errors.append(
+                f"vllm_model.revision={model.get('revision')!r}: source 'hf' needs a pinned 40-hex commit id, "
+                "not a branch or tag, so every host serves the same weights."
+            )
+    if not SAFE_NAME.match(str(model.get("name") or "")):
+        errors.append(
+            f"vllm_model.name={model.get('name')!r}: use letters, digits, '.', '_' or '-' (it becomes a directory name)."
+        )
+    seen: set[str] = set()
+    for index, adapter in enumerate(adapters):
+        name = str(adapter.get("name") or "")
+        where = f"vllm_lora_adapters[{index}]"
+        if not SAFE_NAME.match(name):
+            errors.append(
+                f"{where}.name={name!r}: an adapter name must be 1-128 of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (it is used in URLs, paths and the unit's command line)."
+            )
+        if name in seen:
+            errors.append(f"{where}.name={name!r} is declared twice: give each adapter its own name.")
+        if name in served:
+            errors.append(
+                f"{where}.name={name!r} equals a served model name {served}: a request for it would get the base model; rename the adapter."
+            )
+        seen.add(name)
+        adapter_source = adapter.get("source", "controller")
+        if adapter_source in ("controller", "host") and not str(adapter.get("path") or "").startswith("/"):
+            errors.append(f"{where}.path={adapter.get('path')!r}: needs an absolute path to the adapter directory.")
+        if adapter_source == "hf" and not re.fullmatch(r"[0-9a-f]{40}", str(adapter.get("revision") or "")):
+            errors.append(f"{where}.revision={adapter.get('revision')!r}: source 'hf' needs a pinned 40-hex commit id.")
+    rank = declaration.get("max_lora_rank")
+    if int(rank) not in ALLOWED_MAX_LORA_RANKS:
+        errors.append(
+            f"vllm_max_lora_rank={rank!r}: vLLM 0.11 accepts only {list(ALLOWED_MAX_LORA_RANKS)}; "
+            f"pick the smallest that fits your adapters' rank."
+        )
+    max_loras = int(declaration.get("max_loras") or 0)
+    max_cpu_loras = int(declaration.get("max_cpu_loras") or 0)
+    if max_cpu_loras and max_cpu_loras < max_loras:
+        errors.append(
+            f"vllm_max_cpu_loras={max_cpu_loras} is below vllm_max_loras={max_loras}: vLLM refuses to start; "
+            "set it >= vllm_max_loras or 0 for the default."
+        )
+    for name in served:
+        if not re.fullmatch(r"[A-Za-z0-9/][A-Za-z0-9._/-]{0,255}", str(name)):
+            errors.append(f"vllm_served_model_names: {name!r} is not a safe model name (letters, digits, '.', '_', '-', '/').")
+    if len(set(served)) != len(served):
+        errors.append(f"vllm_served_model_names={served} lists a name twice.")
+    return errors
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {
+            "vllm_serve_args": vllm_serve_args,
+            "vllm_lora_modules": vllm_lora_modules,
+            "vllm_adapter_targets": vllm_adapter_targets,
+            "vllm_artifacts": vllm_artifacts,
+            "vllm_with_manifests": vllm_with_manifests,
+            "vllm_systemd_exec": vllm_systemd_exec,
+            "vllm_systemd_env": vllm_systemd_env,
+            "vllm_min_lora_rank": vllm_min_lora_rank,
+            "vllm_declaration_errors": vllm_declaration_errors,
+        }

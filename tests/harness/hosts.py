@@ -1,0 +1,177 @@
+"""Test hosts: Debian 12 containers that boot systemd, reached by Ansible.
+
+Every container carries a label with this run's id, so ``HostPool`` removes
+exactly its own containers at the end (even when a test fails) and a later run
+removes any left over by a run that was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+from docker.models.containers import Container
+
+LABEL = "io.vllm-lora-ansible.testhost"
+CACHE = Path(os.environ.get("VLLM_LORA_CACHE", "/var/cache/vllm-lora-ansible"))
+WHEELHOUSE_IN_HOST = "/srv/wheelhouse"
+
+
+def wheelhouse_mount() -> dict[str, dict[str, str]]:
+    """The controller's wheelhouse, read-only, where the local inventory expects it."""
+    return {str(CACHE / "wheelhouse"): {"bind": WHEELHOUSE_IN_HOST, "mode": "ro"}}
+
+
+@dataclass
+class TestHost:
+    """One running container; ``name`` is also its Ansible inventory name."""
+
+    name: str
+    container: Container
+
+    def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a shell command inside the host (docker exec), bounded in time."""
+        result = subprocess.run(
+            ["docker", "exec", self.name, "sh", "-c", command],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{self.name}: `{command}` exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def system_state(self) -> str:
+        return self.sh("systemctl is-system-running --wait", check=False, timeout=90).stdout.strip()
+
+
+def remove_stale(client: docker.DockerClient, run_id: str | None = None) -> int:
+    """Remove test-host containers (of one run, or of all runs). Returns how many."""
+    filters = {"label": f"{LABEL}={run_id}" if run_id else LABEL}
+    removed = 0
+    for container in client.containers.list(all=True, filters=filters):
+        container.remove(force=True, v=True)
+        removed += 1
+    return removed
+
+
+def start_host(
+    client: docker.DockerClient, name: str, image: str, run_id: str,
+    volumes: dict[str, dict[str, str]] | None = None,
+) -> TestHost:
+    """Start one container the way that boots systemd in this sandbox.
+
+    ``--privileged`` fails here (no CAP_SYS_RESOURCE), so: SYS_ADMIN + NET_ADMIN,
+    seccomp unconfined, the host's cgroup namespace and a writable cgroupfs.
+    """
+    container = client.containers.run(
+        image, command=["/sbin/init"], name=name, hostname=name, detach=True,
+        labels={LABEL: run_id}, cap_add=["SYS_ADMIN", "NET_ADMIN"],
+        security_opt=["seccomp=unconfined"], cgroupns="host",
+        volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}, **(volumes or {})},
+        tmpfs={"/run": "", "/run/lock": "", "/tmp": ""},
+        environment={"container": "docker"}, stop_signal="SIGRTMIN+3",
+    )
+    return TestHost(name=name, container=container)
+
+
+@dataclass
+class HostPool:
+    """N hosts from one image; use as a context manager."""
+
+    image: str
+    count: int = 1
+    prefix: str = "vllm-test"
+    volumes: dict[str, dict[str, str]] = field(default_factory=wheelhouse_mount)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    hosts: list[TestHost] = field(default_factory=list)
+
+    def __enter__(self) -> HostPool:
+        client = docker.from_env()
+        try:
+            for index in range(1, self.count + 1):
+                name = f"{self.prefix}-{self.run_id}-{index}"
+                self.hosts.append(start_host(client, name, self.image, self.run_id, self.volumes))
+            for host in self.hosts:
+                state = host.system_state()
+                if state not in ("running", "degraded"):
+                    raise RuntimeError(f"{host.name}: systemd state {state!r}")
+        except BaseException:
+            remove_stale(client, self.run_id)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        remove_stale(docker.from_env(), self.run_id)
+
+    @property
+    def names(self) -> list[str]:
+        return [host.name for host in self.hosts]
+
+
+def write_inventory(
+    directory: Path, hosts: Sequence[str], group: str = "vllm_servers",
+    group_vars_from: Path | None = None, host_vars: dict[str, dict[str, object]] | None = None,
+) -> Path:
+    """An inventory for containers reached through ``community.docker.docker``.
+
+    ``group_vars_from`` (e.g. the repo's inventory/local/group_vars) is linked
+    in, so tests run with the same declaration the demo uses.
+    """
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if group_vars_from is not None:
+        link = directory / "group_vars"
+        if not link.exists():
+            link.symlink_to(group_vars_from.resolve())
+    inventory = {
+        "all": {
+            "children": {
+                group: {
+                    "hosts": {
+                        name: {
+                            "ansible_connection": "community.docker.docker",
+                            "ansible_host": name,
+                            "ansible_python_interpreter": "/usr/bin/python3",
+                            **(host_vars or {}).get(name, {}),
+                        }
+                        for name in hosts
+                    }
+                }
+            }
+        }
+    }
+    path = directory / "hosts.yml"
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    return path
+
+
+def commit(host: TestHost, tag: str) -> str:
+    """Freeze a converged host into an image layer other hosts share."""
+    repository, _, version = tag.partition(":")
+    host.container.commit(repository=repository, tag=version, changes=['CMD ["/sbin/init"]'])
+    return tag
+
+
+@contextmanager
+def pool(image: str, count: int = 1, prefix: str = "vllm-test") -> Iterator[HostPool]:
+    with HostPool(image=image, count=count, prefix=prefix) as hosts:
+        yield hosts
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it is truthy, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
