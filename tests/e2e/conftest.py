@@ -1,0 +1,135 @@
+"""Shared pieces of the end-to-end tests: fixtures on disk, the shared software
+image, converged hosts. Everything runs against real systemd containers and a
+real vLLM 0.11.0 (CPU build) inside them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.fixtures import tinyqwen
+from tests.harness import image
+from tests.harness.ansible import REPO, PlayResult, run_playbook
+from tests.harness.hosts import CACHE, HostPool, commit, remove_stale, write_inventory
+from tests.vllm_cpu import wheelhouse
+
+LOCAL_GROUP_VARS = REPO / "inventory" / "local" / "group_vars"
+LOG_DIR = Path(os.environ.get("VLLM_LORA_TEST_LOGS", REPO / "build" / "test-logs"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def e2e_ready() -> None:
+    """The e2e tier needs dockerd, the base image and the wheelhouse (scripts/setup.sh --vllm)."""
+    problems = []
+    try:
+        docker.from_env().ping()
+    except Exception as error:  # noqa: BLE001 - any failure means "no engine"
+        problems.append(f"Docker engine not reachable ({error})")
+    if not (CACHE / "wheelhouse" / f".complete-{wheelhouse.lock_hash()}").exists():
+        problems.append(f"wheelhouse missing in {CACHE / 'wheelhouse'}")
+    if problems:
+        message = "; ".join(problems) + ": run scripts/setup.sh --vllm"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> tinyqwen.Fixtures:
+    return tinyqwen.make_all(tmp_path_factory.mktemp("fixtures"))
+
+
+def declaration_vars(fx: tinyqwen.Fixtures, adapters: tuple[str, ...] = ("alpha", "beta"), **overrides: object) -> dict[str, object]:
+    """The local inventory's declaration, pointed at this run's fixtures."""
+    return {
+        "vllm_model": {"name": "tiny-qwen2", "source": "controller", "path": str(fx.model)},
+        "vllm_lora_adapters": [
+            {"name": name, "source": "controller", "path": str(fx.adapters[name])} for name in adapters
+        ],
+        **overrides,
+    }
+
+
+def write_vars(path: Path, data: dict[str, object]) -> Path:
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def software_image(e2e_ready: None, fixtures: tinyqwen.Fixtures, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The base image plus the vLLM venv, built by the project's own role.
+
+    One ~7.5 GB venv in one image layer that every test host shares, instead of
+    one per host. The role then finds each host's software already converged.
+    """
+    recipe = "\n".join([
+        image.base_tag(), wheelhouse.lock_hash(),
+        hashlib.sha256((REPO / "roles/vllm/tasks/install.yml").read_bytes()).hexdigest(),
+    ])
+    tag = f"{image.REPO}:sw-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    client = docker.from_env()
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    base = image.build_base()
+    workdir = tmp_path_factory.mktemp("software-image")
+    with HostPool(image=base, count=1, prefix="vllm-swimage") as pool:
+        inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
+        result = run_playbook(
+            "site.yml", inventory, extra_args=["--tags", "software"],
+            extra_vars_files=[write_vars(workdir / "vars.json", declaration_vars(fixtures))],
+            log=LOG_DIR / "software-image.log",
+        )
+        assert result.rc == 0, result.tail()
+        commit(pool.hosts[0], tag)
+    return tag
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_containers() -> Iterator[None]:
+    yield
+    try:
+        remove_stale(docker.from_env())
+    except Exception:  # noqa: BLE001 - no engine: nothing was started
+        pass
+
+
+class Deployment:
+    """Hosts plus the inventory and vars to run playbooks against them."""
+
+    def __init__(self, pool: HostPool, workdir: Path, fx: tinyqwen.Fixtures) -> None:
+        self.pool = pool
+        self.workdir = workdir
+        self.fixtures = fx
+        self.inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
+        self.runs = 0
+
+    def play(self, *extra_args: str, adapters: tuple[str, ...] = ("alpha", "beta"),
+             playbook: str = "site.yml", **overrides: object) -> PlayResult:
+        self.runs += 1
+        vars_file = write_vars(self.workdir / f"vars-{self.runs}.json",
+                               declaration_vars(self.fixtures, adapters, **overrides))
+        return run_playbook(playbook, self.inventory, extra_args=extra_args,
+                            extra_vars_files=[vars_file], log=LOG_DIR / f"{self.workdir.name}.log")
+
+
+@pytest.fixture(scope="module")
+def deployment(software_image: str, fixtures: tinyqwen.Fixtures,
+               tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    count = getattr(request.module, "HOST_COUNT", 1)
+    with HostPool(image=software_image, count=count, prefix="vllm-e2e") as pool:
+        yield Deployment(pool, tmp_path_factory.mktemp(request.module.__name__.split(".")[-1]), fixtures)

@@ -1,0 +1,142 @@
+"""site.yml on a fresh systemd host: converge, prove the adapters, stay idempotent."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+import testinfra
+
+from tests.e2e.conftest import Deployment
+from tests.harness.hosts import TestHost
+
+
+def chat(host: TestHost, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    """POST /v1/chat/completions from inside the host (the service listens on 127.0.0.1)."""
+    payload = shlex.quote(json.dumps(body))
+    out = host.sh(
+        f"curl -s -o /tmp/body -w '%{{http_code}}' -H 'Content-Type: application/json' "
+        f"-d {payload} http://127.0.0.1:8000/v1/chat/completions; echo; cat /tmp/body"
+    ).stdout
+    status, _, text = out.partition("\n")
+    return int(status), json.loads(text)
+
+
+def answer(host: TestHost, **fields: object) -> str:
+    body = {"messages": [{"role": "user", "content": "Tell me about the sea."}],
+            "temperature": 0, "max_tokens": 12, **fields}
+    status, data = chat(host, body)
+    assert status == 200, data
+    return str(data["choices"][0]["message"]["content"])  # type: ignore[index]
+
+
+def service_start_marker(host: TestHost) -> tuple[str, str]:
+    """(MainPID, ActiveEnterTimestampMonotonic): both change on every restart."""
+    out = host.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic --value").stdout.split()
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def first_run(deployment: Deployment):  # type: ignore[no-untyped-def]
+    return deployment.play()
+
+
+def test_harness_hosts_boot_systemd_and_ansible_reaches_them(deployment: Deployment) -> None:
+    for host in deployment.pool.hosts:
+        assert host.system_state() == "running"
+    result = deployment.play("--tags", "never", playbook="site.yml")
+    assert result.rc == 0, result.tail()
+    assert set(result.recap) == set(deployment.pool.names)
+
+
+def test_first_run_converges_and_proves_adapters(first_run) -> None:  # type: ignore[no-untyped-def]
+    assert first_run.rc == 0, first_run.tail(120)
+    assert first_run.changed() > 0
+    # The verification task printed what each adapter said; it must differ from the base.
+    shown = re.search(r"base 'tiny-qwen2' says (\".*?\"); adapter 'alpha' says (\".*?\"); adapter 'beta' says (\".*?\")",
+                      first_run.output)
+    assert shown, first_run.tail(60)
+    base, alpha, beta = (json.loads(text) for text in shown.groups())
+    assert len({base, alpha, beta}) == 3
+
+
+def test_adapters_change_the_answer_seen_from_outside(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    """Independent of our verify module: plain HTTP from inside the host."""
+    host = deployment.pool.hosts[0]
+    base = answer(host, model="tiny-qwen2")
+    alpha = answer(host, model="alpha")
+    beta = answer(host, model="beta")
+    assert alpha != base and beta != base and alpha != beta
+    # The lora_name trap, closed by the shipped middleware: same text as model=<adapter>.
+    assert answer(host, model="tiny-qwen2", lora_name="alpha") == alpha
+    status, data = chat(host, {"model": "tiny-qwen2", "lora_name": "nope",
+                               "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 404 and data["error"]["code"] == 404, data  # type: ignore[index]
+
+
+def test_host_state_user_modes_unit_flags(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    host = testinfra.get_host(f"docker://{deployment.pool.names[0]}")
+    user = host.user("vllm")
+    assert user.exists and user.shell == "/usr/sbin/nologin" and user.uid < 1000
+    for path, owner, group, mode in [
+        ("/opt/vllm", "root", "root", 0o755),
+        ("/srv/vllm", "root", "vllm", 0o750),
+        ("/srv/vllm/models/tiny-qwen2", "root", "vllm", 0o750),
+        ("/srv/vllm/adapters/alpha", "root", "vllm", 0o750),
+        ("/etc/vllm", "root", "vllm", 0o750),
+    ]:
+        entry = host.file(path)
+        assert entry.is_directory and (entry.user, entry.group, entry.mode) == (owner, group, mode), path
+    weights = host.file("/srv/vllm/models/tiny-qwen2/model.safetensors")
+    assert (weights.user, weights.group, weights.mode) == ("root", "vllm", 0o640)
+    env = host.file("/etc/vllm/vllm.env")
+    assert (env.user, env.mode) == ("root", 0o600)
+    unit = host.file("/etc/systemd/system/vllm.service").content_string
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    for flag in ["--enable-lora", "--max-loras 2", "--max-lora-rank 16", "--lora-dtype auto",
+                 "--served-model-name tiny-qwen2", "--host 127.0.0.1", "--port 8000", "--max-model-len 512",
+                 "--middleware vllm_lora_name_compat.LoraNameMiddleware"]:
+        assert flag in exec_start, flag
+    assert '\\"name\\":\\"alpha\\"' in exec_start and '\\"base_model_name\\":\\"tiny-qwen2\\"' in exec_start
+    assert "--trust-remote-code" not in exec_start and "--api-key" not in exec_start
+    assert "HF_HUB_OFFLINE=1" in unit
+    service = host.service("vllm")
+    assert service.is_enabled and service.is_running
+    assert host.process.get(comm="vllm").user == "vllm" if host.process.filter(comm="vllm") else True
+
+
+def test_second_run_changes_nothing_and_does_not_restart(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    host = deployment.pool.hosts[0]
+    before = service_start_marker(host)
+    result = deployment.play()
+    assert result.rc == 0, result.tail()
+    assert result.changed() == 0, result.tail(120)
+    assert service_start_marker(host) == before
+
+
+def test_check_diff_on_converged_host_is_clean(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    result = deployment.play("--check", "--diff")
+    assert result.rc == 0, result.tail()
+    assert result.changed() == 0, result.tail(120)
+
+
+def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    host = deployment.pool.hosts[0]
+    before = service_start_marker(host)
+    journal_mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    added = deployment.play(adapters=("alpha", "beta", "gamma"))
+    assert added.rc == 0, added.tail(120)
+    assert "adapter 'gamma' says" in added.output
+    starts = host.sh(f"journalctl -u vllm --since '{journal_mark}' -o cat | grep -c '^Started vllm.service' || true").stdout
+    assert int(starts.strip() or 0) == 1, "adding an adapter must restart the service exactly once"
+    assert service_start_marker(host) != before
+    assert '\\"name\\":\\"gamma\\"' in host.sh("cat /etc/systemd/system/vllm.service").stdout
+
+    removed = deployment.play(adapters=("alpha", "beta"))
+    assert removed.rc == 0, removed.tail(120)
+    assert "gamma" not in host.sh("grep ExecStart= /etc/systemd/system/vllm.service").stdout
+    assert host.sh("test -e /srv/vllm/adapters/gamma", check=False).returncode != 0
+    models = json.loads(host.sh("curl -s http://127.0.0.1:8000/v1/models").stdout)
+    assert sorted(card["id"] for card in models["data"]) == ["alpha", "beta", "tiny-qwen2"]

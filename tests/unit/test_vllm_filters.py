@@ -1,0 +1,123 @@
+"""The unit's flags and the declaration checks, from the role's filter plugin."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("vllm_filters", REPO / "roles/vllm/filter_plugins/vllm.py")
+assert _spec and _spec.loader
+filters = importlib.util.module_from_spec(_spec)
+sys.modules["vllm_filters"] = filters
+_spec.loader.exec_module(filters)
+
+BEELINK = {
+    "model_path": "/home/beelink/models/Qwen2.5-7B-Instruct-AWQ",
+    "served_names": ["/home/beelink/models/Qwen2.5-7B-Instruct-AWQ", "qwen2.5-7b-awq"],
+    "host": "0.0.0.0", "port": 8000, "max_model_len": 4096, "dtype": "auto", "device": "cuda",
+    "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1, "quantization": "awq_marlin",
+    "adapters": [{"name": "sql", "path": "/srv/vllm/adapters/sql"}, {"name": "chat", "path": "/srv/vllm/adapters/chat"}],
+    "max_loras": 4, "max_lora_rank": 16, "lora_dtype": "auto", "max_cpu_loras": 0,
+    "middleware": ["vllm_lora_name_compat.LoraNameMiddleware"], "extra_args": [],
+}
+
+
+def test_beelink_flags() -> None:
+    args = filters.vllm_serve_args(BEELINK)
+    assert args[0] == BEELINK["model_path"]
+    joined = " ".join(args)
+    for flag in ["--enable-lora", "--max-loras 4", "--max-lora-rank 16", "--lora-dtype auto",
+                 "--gpu-memory-utilization 0.9", "--tensor-parallel-size 1", "--quantization awq_marlin",
+                 "--max-model-len 4096", "--port 8000"]:
+        assert flag in joined
+    assert "--trust-remote-code" not in args and "--max-cpu-loras" not in args
+    # Both served names after ONE flag; every adapter after ONE --lora-modules.
+    assert args[args.index("--served-model-name") + 1: args.index("--served-model-name") + 3] == BEELINK["served_names"]
+    assert args.count("--lora-modules") == 1
+    modules = [json.loads(a) for a in args[args.index("--lora-modules") + 1: args.index("--middleware")]]
+    assert modules == [
+        {"name": "sql", "path": "/srv/vllm/adapters/sql", "base_model_name": BEELINK["served_names"][0]},
+        {"name": "chat", "path": "/srv/vllm/adapters/chat", "base_model_name": BEELINK["served_names"][0]},
+    ]
+
+
+def test_no_adapters_no_lora_flags_and_cpu_drops_gpu_flags() -> None:
+    args = filters.vllm_serve_args({**BEELINK, "adapters": [], "device": "cpu", "quantization": "none",
+                                    "max_cpu_loras": 8})
+    for flag in ["--enable-lora", "--lora-modules", "--max-loras", "--gpu-memory-utilization",
+                 "--quantization", "--max-cpu-loras"]:
+        assert flag not in args
+
+
+def test_max_cpu_loras_only_when_set() -> None:
+    args = filters.vllm_serve_args({**BEELINK, "max_cpu_loras": 8})
+    assert args[args.index("--max-cpu-loras") + 1] == "8"
+
+
+@pytest.mark.parametrize("word", ['{"name":"a","path":"/x y"}', "100%", "$HOME", 'back\\slash', "plain-word"])
+def test_systemd_quoting_round_trips(word: str) -> None:
+    quoted = filters.vllm_systemd_quote(word)
+    # systemd undoes %% and $$ and then C-style escapes inside double quotes, as a POSIX shell does for \" and \\.
+    unescaped = shlex.split(quoted.replace("%%", "%").replace("$$", "$"))
+    assert unescaped == [word]
+
+
+def test_systemd_exec_doubles_specifiers() -> None:
+    assert filters.vllm_systemd_exec(["a%b", "$X"]) == "a%%b \"$$X\""
+
+
+def declaration(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "model": {"name": "qwen", "source": "controller", "path": "/data/qwen"},
+        "served_names": ["qwen"], "adapters": [{"name": "sql", "source": "controller", "path": "/data/sql"}],
+        "max_lora_rank": 16, "max_loras": 4, "max_cpu_loras": 0,
+    }
+    base.update(over)
+    return base
+
+
+def test_a_good_declaration_has_no_errors() -> None:
+    assert filters.vllm_declaration_errors(declaration()) == []
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"max_lora_rank": 24}, "vllm_max_lora_rank=24"),
+    ({"max_cpu_loras": 2}, "vllm_max_cpu_loras=2 is below vllm_max_loras=4"),
+    ({"adapters": [{"name": "qwen", "path": "/a"}]}, "equals a served model name"),
+    ({"adapters": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]}, "declared twice"),
+    ({"adapters": [{"name": "../etc", "path": "/a"}]}, "vllm_lora_adapters[0].name='../etc'"),
+    ({"adapters": [{"name": "", "path": "/a"}]}, "vllm_lora_adapters[0].name=''"),
+    ({"adapters": [{"name": "a", "path": "relative/dir"}]}, "vllm_lora_adapters[0].path='relative/dir'"),
+    ({"model": {"name": "q", "source": "hf", "repo_id": "Qwen/Q", "revision": "main"}}, "vllm_model.revision='main'"),
+    ({"model": {"name": "q", "source": "host", "path": "models/q"}}, "vllm_model.path='models/q'"),
+])
+def test_declaration_errors_name_variable_and_value(over: dict[str, object], needle: str) -> None:
+    errors = filters.vllm_declaration_errors(declaration(**over))
+    assert any(needle in error for error in errors), errors
+
+
+def test_min_lora_rank() -> None:
+    assert filters.vllm_min_lora_rank([4, 8]) == 8
+    assert filters.vllm_min_lora_rank([17]) == 32
+    assert filters.vllm_min_lora_rank([300]) == 320
+    with pytest.raises(ValueError):
+        filters.vllm_min_lora_rank([1024])
+
+
+def test_artifacts_and_adapter_targets() -> None:
+    items = filters.vllm_artifacts(
+        {"name": "m", "source": "host", "path": "/models/m"}, "/models/m",
+        [{"name": "a", "source": "controller", "path": "/ctl/a/"}, {"name": "b", "source": "host", "path": "/opt/b"}],
+        "/srv/vllm/adapters",
+    )
+    assert items == [
+        {"kind": "model", "name": "m", "source": "host", "dest": "/models/m", "path": "/models/m", "checksums": {}},
+        {"kind": "adapter", "name": "a", "source": "controller", "dest": "/srv/vllm/adapters/a", "src": "/ctl/a"},
+        {"kind": "adapter", "name": "b", "source": "host", "dest": "/opt/b", "path": "/opt/b", "checksums": {}},
+    ]
