@@ -118,9 +118,14 @@ class Deployment:
         self.inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
         self.runs = 0
 
+    def report(self, name: str = "site") -> dict[str, dict[str, object]]:
+        """The JSON deployment report the last run of playbook `name` wrote."""
+        return json.loads((self.workdir / "reports" / f"{name}-latest.json").read_text())
+
     def play(self, *extra_args: str, adapters: tuple[str, ...] = ("alpha", "beta"),
              playbook: str = "site.yml", **overrides: object) -> PlayResult:
         self.runs += 1
+        overrides.setdefault("vllm_report_dir", str(self.workdir / "reports"))
         vars_file = write_vars(self.workdir / f"vars-{self.runs}.json",
                                declaration_vars(self.fixtures, adapters, **overrides))
         return run_playbook(playbook, self.inventory, extra_args=extra_args,

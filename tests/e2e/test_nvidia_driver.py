@@ -15,6 +15,7 @@ The tests share one host and run in order (each stage builds on the previous one
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -25,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from tests.harness.ansible import REPO, PlayResult, run_playbook
-from tests.harness.hosts import HostPool, TestHost, write_inventory
+from tests.harness import hosts
+from tests.harness.hosts import HostPool, write_inventory
 from tests.harness.image import base_tag
 
 pytestmark = pytest.mark.e2e
 
-LOG = REPO / "reports" / "e2e-nvidia-driver.log"
+LOG = Path(os.environ.get("VLLM_LORA_TEST_LOGS", REPO / "build" / "test-logs")) / "nvidia-driver.log"
 PLAYBOOK = "drivers.yml"
 SKIP_GATE = ["--skip-tags", "gpu_gate"]
 
@@ -47,7 +49,7 @@ def branch_vars(branch: int, **more: object) -> list[str]:
 
 @dataclass
 class Stage:
-    host: TestHost
+    host: hosts.TestHost
     inventory: Path
     cpu_alias: str
 
@@ -68,7 +70,7 @@ class Stage:
 
     def installed(self, package: str) -> bool:
         result = self.host.sh(f"dpkg-query -W -f='${{Status}}' {package}", check=False)
-        return result.returncode == 0 and "install ok installed" in result.stdout
+        return result.returncode == 0 and result.stdout.endswith(" ok installed")  # "hold ok installed" when held
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,11 @@ def vllm_with_manifests(manifest_results: list[dict[str, Any]]) -> list[dict[str
     return [{**result["item"], "files": result["files"]} for result in manifest_results]
 
 
+def vllm_digests(manifest_results: list[dict[str, Any]]) -> dict[str, str]:
+    """{"kind/name": directory digest} from vllm_manifest's looped results, for reports."""
+    return {f"{r['item']['kind']}/{r['item']['name']}": str(r["digest"]) for r in manifest_results if "digest" in r}
+
+
 def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
     """The argv after `vllm serve`, from the role's settings dict.
 
@@ -218,6 +223,7 @@ class FilterModule:
             "vllm_adapter_targets": vllm_adapter_targets,
             "vllm_artifacts": vllm_artifacts,
             "vllm_with_manifests": vllm_with_manifests,
+            "vllm_digests": vllm_digests,
             "vllm_systemd_exec": vllm_systemd_exec,
             "vllm_systemd_env": vllm_systemd_env,
             "vllm_min_lora_rank": vllm_min_lora_rank,
