@@ -50,9 +50,15 @@ def render() -> str:
     for specs_file in sorted(REPO.glob("roles/*/meta/argument_specs.yml")):
         role = specs_file.parents[1].name
         specs = yaml.safe_load(specs_file.read_text())["argument_specs"]
+        seen: dict[str, str] = {}
         for entry, spec in specs.items():
-            lines += [f"## `{role}` ({entry})", "", spec.get("short_description", ""), "",
-                      "| variable | type | default | description |", "|---|---|---|---|"]
+            lines += [f"## `{role}` ({entry})", "", spec.get("short_description", ""), ""]
+            key = yaml.safe_dump(spec.get("options", {}), sort_keys=True)
+            if key in seen:
+                lines += [f"Same variables as `{role}` ({seen[key]}).", ""]
+                continue
+            seen[key] = entry
+            lines += ["| variable | type | default | description |", "|---|---|---|---|"]
             lines += describe(spec.get("options", {}))
             lines.append("")
     return "\n".join(lines)

@@ -4,7 +4,6 @@ real vLLM 0.11.0 (CPU build) inside them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -14,12 +13,10 @@ import docker
 import pytest
 
 from tests.fixtures import tinyqwen
-from tests.harness import image
 from tests.harness.ansible import REPO, PlayResult, run_playbook
-from tests.harness.hosts import CACHE, HostPool, commit, remove_stale, write_inventory
+from tests.harness.hosts import CACHE, HostPool, remove_stale, write_inventory
+from tests.harness.software import LOCAL_GROUP_VARS, ensure_software_image
 from tests.vllm_cpu import wheelhouse
-
-LOCAL_GROUP_VARS = REPO / "inventory" / "local" / "group_vars"
 LOG_DIR = Path(os.environ.get("VLLM_LORA_TEST_LOGS", REPO / "build" / "test-logs"))
 
 
@@ -54,7 +51,8 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> tinyqwen.Fixtures:
 def declaration_vars(fx: tinyqwen.Fixtures, adapters: tuple[str, ...] = ("alpha", "beta"), **overrides: object) -> dict[str, object]:
     """The local inventory's declaration, pointed at this run's fixtures."""
     return {
-        "vllm_model": {"name": "tiny-qwen2", "source": "controller", "path": str(fx.model)},
+        "vllm_model": {"name": "tiny-qwen2", "source": "controller", "path": str(fx.model),
+                       "aliases": [fx.base_model_name]},
         "vllm_lora_adapters": [
             {"name": name, "source": "controller", "path": str(fx.adapters[name])} for name in adapters
         ],
@@ -69,34 +67,10 @@ def write_vars(path: Path, data: dict[str, object]) -> Path:
 
 @pytest.fixture(scope="session")
 def software_image(e2e_ready: None, fixtures: tinyqwen.Fixtures, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The base image plus the vLLM venv, built by the project's own role.
-
-    One ~7.5 GB venv in one image layer that every test host shares, instead of
-    one per host. The role then finds each host's software already converged.
-    """
-    recipe = "\n".join([
-        image.base_tag(), wheelhouse.lock_hash(),
-        hashlib.sha256((REPO / "roles/vllm/tasks/install.yml").read_bytes()).hexdigest(),
-    ])
-    tag = f"{image.REPO}:sw-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    client = docker.from_env()
-    try:
-        client.images.get(tag)
-        return tag
-    except docker.errors.ImageNotFound:
-        pass
-    base = image.build_base()
+    """Base image + vLLM venv, shared by every test host (see tests/harness/software.py)."""
     workdir = tmp_path_factory.mktemp("software-image")
-    with HostPool(image=base, count=1, prefix="vllm-swimage") as pool:
-        inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
-        result = run_playbook(
-            "site.yml", inventory, extra_args=["--tags", "software"],
-            extra_vars_files=[write_vars(workdir / "vars.json", declaration_vars(fixtures))],
-            log=LOG_DIR / "software-image.log",
-        )
-        assert result.rc == 0, result.tail()
-        commit(pool.hosts[0], tag)
-    return tag
+    return ensure_software_image(workdir, write_vars(workdir / "vars.json", declaration_vars(fixtures)),
+                                 log=LOG_DIR / "software-image.log")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -111,11 +85,11 @@ def no_leftover_containers() -> Iterator[None]:
 class Deployment:
     """Hosts plus the inventory and vars to run playbooks against them."""
 
-    def __init__(self, pool: HostPool, workdir: Path, fx: tinyqwen.Fixtures) -> None:
+    def __init__(self, pool: HostPool, workdir: Path, fx: tinyqwen.Fixtures, inventory: Path | None = None) -> None:
         self.pool = pool
         self.workdir = workdir
         self.fixtures = fx
-        self.inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
+        self.inventory = inventory or write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
         self.runs = 0
 
     def report(self, name: str = "site") -> dict[str, dict[str, object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import testinfra
@@ -127,6 +128,7 @@ def test_check_diff_on_converged_host_is_clean(deployment: Deployment, first_run
 def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
     host = deployment.pool.hosts[0]
     before = service_start_marker(host)
+    release_before = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
     journal_mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
     added = deployment.play(adapters=("alpha", "beta", "gamma"))
     assert added.rc == 0, added.tail(120)
@@ -135,10 +137,17 @@ def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> N
     assert int(starts.strip() or 0) == 1, "adding an adapter must restart the service exactly once"
     assert service_start_marker(host) != before
     assert '\\"name\\":\\"gamma\\"' in host.sh("cat /etc/systemd/system/vllm.service").stdout
+    release_with_gamma = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
+    assert release_with_gamma != release_before
 
     removed = deployment.play(adapters=("alpha", "beta"))
     assert removed.rc == 0, removed.tail(120)
     assert "gamma" not in host.sh("grep ExecStart= /etc/systemd/system/vllm.service").stdout
-    assert host.sh("test -e /srv/vllm/adapters/gamma", check=False).returncode != 0
+    # gamma's files stay while a kept release (the one before) serves it: rollbacks need them.
+    # Releases are named by their content: the declaration from before gamma is the release from before gamma.
+    history = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
+    assert history == [release_with_gamma, release_before], history
+    assert host.sh("readlink /opt/vllm/current").stdout.strip() == f"releases/{release_before}"
+    assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
     models = json.loads(host.sh("curl -s http://127.0.0.1:8000/v1/models").stdout)
     assert sorted(card["id"] for card in models["data"]) == ["alpha", "beta", "tiny-qwen2"]

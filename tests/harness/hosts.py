@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 from docker.models.containers import Container
@@ -143,6 +144,7 @@ class HostPool:
 def write_inventory(
     directory: Path, hosts: Sequence[str], group: str = "vllm_servers",
     group_vars_from: Path | None = None, host_vars: dict[str, dict[str, object]] | None = None,
+    extra_groups: dict[str, Sequence[str]] | None = None,
 ) -> Path:
     """An inventory for containers reached through ``community.docker.docker``.
 
@@ -156,7 +158,7 @@ def write_inventory(
         link = directory / "group_vars"
         if not link.exists():
             link.symlink_to(group_vars_from.resolve())
-    inventory = {
+    inventory: dict[str, Any] = {
         "all": {
             "children": {
                 group: {
@@ -173,6 +175,12 @@ def write_inventory(
             }
         }
     }
+    for extra_group, members in (extra_groups or {}).items():
+        inventory["all"]["children"][extra_group] = {"hosts": {
+            name: {"ansible_connection": "community.docker.docker", "ansible_host": name,
+                   "ansible_python_interpreter": "/usr/bin/python3", **(host_vars or {}).get(name, {})}
+            for name in members
+        }}
     path = directory / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path

@@ -102,14 +102,6 @@ def test_declaration_errors_name_variable_and_value(over: dict[str, object], nee
     assert any(needle in error for error in errors), errors
 
 
-def test_min_lora_rank() -> None:
-    assert filters.vllm_min_lora_rank([4, 8]) == 8
-    assert filters.vllm_min_lora_rank([17]) == 32
-    assert filters.vllm_min_lora_rank([300]) == 320
-    with pytest.raises(ValueError):
-        filters.vllm_min_lora_rank([1024])
-
-
 def test_artifacts_and_adapter_targets() -> None:
     items = filters.vllm_artifacts(
         {"name": "m", "source": "host", "path": "/models/m"}, "/models/m",

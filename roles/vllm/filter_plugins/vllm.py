@@ -78,6 +78,11 @@ def vllm_digests(manifest_results: list[dict[str, Any]]) -> dict[str, str]:
     return {f"{r['item']['kind']}/{r['item']['name']}": str(r["digest"]) for r in manifest_results if "digest" in r}
 
 
+def vllm_pick_path(artifact: dict[str, Any], key: str) -> dict[str, str]:
+    """{name, path} of an artifact, with path taken from `key` (src on the controller, dest on the host)."""
+    return {"name": str(artifact["name"]), "path": str(artifact[key])}
+
+
 def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
     """The argv after `vllm serve`, from the role's settings dict.
 
@@ -138,15 +143,6 @@ def vllm_systemd_exec(argv: list[str]) -> str:
     return " ".join(vllm_systemd_quote(str(word)) for word in argv)
 
 
-def vllm_min_lora_rank(ranks: list[int]) -> int:
-    """The smallest rank vLLM allows that fits every adapter's rank."""
-    needed = max([int(rank) for rank in ranks] or [ALLOWED_MAX_LORA_RANKS[0]])
-    for allowed in ALLOWED_MAX_LORA_RANKS:
-        if allowed >= needed:
-            return allowed
-    raise ValueError(f"LoRA rank {needed} exceeds vLLM's largest max-lora-rank {ALLOWED_MAX_LORA_RANKS[-1]}")
-
-
 def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
     """Problems in the declaration that argument_specs cannot express.
 
@@ -195,10 +191,10 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
         if adapter_source == "hf" and not re.fullmatch(r"[0-9a-f]{40}", str(adapter.get("revision") or "")):
             errors.append(f"{where}.revision={adapter.get('revision')!r}: source 'hf' needs a pinned 40-hex commit id.")
     rank = declaration.get("max_lora_rank")
-    if int(rank) not in ALLOWED_MAX_LORA_RANKS:
+    if int(rank) != 0 and int(rank) not in ALLOWED_MAX_LORA_RANKS:
         errors.append(
             f"vllm_max_lora_rank={rank!r}: vLLM 0.11 accepts only {list(ALLOWED_MAX_LORA_RANKS)}; "
-            f"pick the smallest that fits your adapters' rank."
+            "pick the smallest that fits your adapters' rank, or 0 to have it derived."
         )
     max_loras = int(declaration.get("max_loras") or 0)
     max_cpu_loras = int(declaration.get("max_cpu_loras") or 0)
@@ -224,8 +220,8 @@ class FilterModule:
             "vllm_artifacts": vllm_artifacts,
             "vllm_with_manifests": vllm_with_manifests,
             "vllm_digests": vllm_digests,
+            "vllm_pick_path": vllm_pick_path,
             "vllm_systemd_exec": vllm_systemd_exec,
             "vllm_systemd_env": vllm_systemd_env,
-            "vllm_min_lora_rank": vllm_min_lora_rank,
             "vllm_declaration_errors": vllm_declaration_errors,
         }
