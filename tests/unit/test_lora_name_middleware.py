@@ -8,30 +8,19 @@ so the tests show what a client would see, with no network and no vLLM.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
 
-MODULE_PATH = (Path(__file__).resolve().parents[2]
-               / "roles" / "vllm" / "files" / "vllm_lora_name_compat.py")
+from tests.unit.loader import load
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vllm_lora_name_compat", MODULE_PATH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
-
-compat = _load()
+compat = load("roles/vllm/files/vllm_lora_name_compat.py")
 
 BASE = "tiny"
 ADAPTERS = {"alpha", "beta"}

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("vllm_files", REPO / "roles/vllm/module_utils/vllm_files.py")
-assert _spec and _spec.loader
-files = importlib.util.module_from_spec(_spec)
-sys.modules["vllm_files"] = files
-_spec.loader.exec_module(files)
+from tests.unit.loader import load
+
+files = load("roles/vllm/module_utils/vllm_files.py")
 
 
 def test_manifest_hashes_once_and_notices_changes(tmp_path: Path) -> None:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("vllm_filters", REPO / "roles/vllm/filter_plugins/vllm.py")
-assert _spec and _spec.loader
-filters = importlib.util.module_from_spec(_spec)
-sys.modules["vllm_filters"] = filters
-_spec.loader.exec_module(filters)
+from tests.unit.loader import load
+
+filters = load("roles/vllm/filter_plugins/vllm.py", "vllm_filters")
 
 BEELINK = {
     "model_path": "/home/beelink/models/Qwen2.5-7B-Instruct-AWQ",

@@ -9,35 +9,23 @@ see its README): the messages below are what an operator would see.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Optional
 
 import pytest
+
+from tests.unit.loader import load
 from ansible.module_utils.testing import patch_module_args
 
-ROOT = Path(__file__).resolve().parents[2]
-MODULE_PATH = ROOT / "roles" / "vllm" / "library" / "vllm_verify.py"
 DATA = Path(__file__).resolve().parent / "data" / "vllm_0.11.0"
 API_KEY = "test-key"  # the key the recordings were made with
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vllm_verify", MODULE_PATH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-vv = _load()
+vv = load("roles/vllm/library/vllm_verify.py")
 
 
 def recording(name: str) -> dict:

@@ -104,18 +104,40 @@ def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
     if quantization not in ("auto", "none"):
         args += ["--quantization", quantization]
     adapters: list[dict[str, Any]] = list(settings.get("adapters") or [])
-    if adapters:
+    if adapters or settings.get("enable_lora"):
         args += ["--enable-lora"]
         args += ["--max-loras", str(settings["max_loras"])]
         args += ["--max-lora-rank", str(settings["max_lora_rank"])]
         args += ["--lora-dtype", str(settings["lora_dtype"])]
         if int(settings.get("max_cpu_loras") or 0) > 0:
             args += ["--max-cpu-loras", str(settings["max_cpu_loras"])]
-        args += ["--lora-modules", *vllm_lora_modules(adapters, served_names[0])]
+        if adapters:
+            args += ["--lora-modules", *vllm_lora_modules(adapters, served_names[0])]
     for middleware in settings.get("middleware") or []:
         args += ["--middleware", str(middleware)]
     args += [str(arg) for arg in settings.get("extra_args") or []]
     return args
+
+
+def vllm_without_lora_modules(argv: list[str]) -> list[str]:
+    """The argv without the values of --lora-modules: what must match for an
+    adapter change to be applied live instead of with a restart."""
+    result: list[str] = []
+    skipping = False
+    for word in argv:
+        if word == "--lora-modules":
+            skipping = True
+            continue
+        if skipping and str(word).startswith("--"):
+            skipping = False
+        if not skipping:
+            result.append(word)
+    return result
+
+
+def vllm_changed_adapters(names: list[str], old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Adapters served before and now whose directory digest differs."""
+    return [n for n in names if f"adapter/{n}" in old and old.get(f"adapter/{n}") != new.get(f"adapter/{n}")]
 
 
 def vllm_systemd_quote(word: str) -> str:
@@ -223,5 +245,7 @@ class FilterModule:
             "vllm_pick_path": vllm_pick_path,
             "vllm_systemd_exec": vllm_systemd_exec,
             "vllm_systemd_env": vllm_systemd_env,
+            "vllm_without_lora_modules": vllm_without_lora_modules,
+            "vllm_changed_adapters": vllm_changed_adapters,
             "vllm_declaration_errors": vllm_declaration_errors,
         }

@@ -1,0 +1,120 @@
+#!/usr/bin/python
+"""Ansible module: bring a running vLLM's adapters to the declared set without a restart."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: vllm_adapters_live
+short_description: Load and unload LoRA adapters in a running vLLM 0.11 (runtime updating)
+description:
+  - Compares the adapters the server lists in C(/v1/models) with the declared ones and calls
+    C(/v1/unload_lora_adapter) and C(/v1/load_lora_adapter) for the difference; an adapter whose
+    files changed (its digest differs from the running release's) is unloaded and loaded again.
+  - Needs the server started with C(VLLM_ALLOW_RUNTIME_LORA_UPDATING=1). Runs on the host itself,
+    where the load endpoints are reachable.
+options:
+  url:
+    type: str
+    required: true
+  api_key:
+    type: str
+    no_log: true
+  adapters:
+    description: Declared adapters, [{name, path}] (paths on the host).
+    type: list
+    elements: dict
+    required: true
+  changed_names:
+    description: Adapters whose files changed since the running release (reloaded).
+    type: list
+    elements: str
+    default: []
+  timeout:
+    type: int
+    default: 120
+author: vllm-lora-ansible
+"""
+
+EXAMPLES = r"""
+- name: Load and unload adapters live
+  vllm_adapters_live:
+    url: http://127.0.0.1:8000
+    adapters: [{name: sql, path: /srv/vllm/adapters/sql}]
+"""
+
+RETURN = r"""
+loaded:
+  description: Adapters loaded.
+  type: list
+  returned: always
+unloaded:
+  description: Adapters unloaded.
+  type: list
+  returned: always
+"""
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+from ansible.module_utils.basic import AnsibleModule
+
+
+def plan(served: List[str], declared: List[str], changed: List[str]) -> Tuple[List[str], List[str]]:
+    """Pure: (to unload, to load)."""
+    unload = [name for name in served if name not in declared or name in changed]
+    load = [name for name in declared if name not in served or name in changed]
+    return unload, load
+
+
+def call(url: str, api_key: Optional[str], method: str, path: str, body: Optional[Dict[str, Any]], timeout: int) -> Tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "url": {"type": "str", "required": True},
+            "api_key": {"type": "str", "no_log": True},
+            "adapters": {"type": "list", "elements": "dict", "required": True},
+            "changed_names": {"type": "list", "elements": "str", "default": []},
+            "timeout": {"type": "int", "default": 120},
+        },
+        supports_check_mode=True,
+    )
+    params = module.params
+    status, text = call(params["url"], params["api_key"], "GET", "/v1/models", None, params["timeout"])
+    if status != 200:
+        module.fail_json(msg=f"GET /v1/models answered {status}: {text[:300]}")
+    cards = json.loads(text).get("data", [])
+    served = [card["id"] for card in cards if card.get("parent")]
+    paths = {str(a["name"]): str(a["path"]) for a in params["adapters"]}
+    unload, load = plan(served, list(paths), params["changed_names"])
+    if module.check_mode or not (unload or load):
+        module.exit_json(changed=bool(unload or load), loaded=load, unloaded=unload)
+    for name in unload:
+        status, text = call(params["url"], params["api_key"], "POST", "/v1/unload_lora_adapter",
+                            {"lora_name": name}, params["timeout"])
+        if status != 200:
+            module.fail_json(msg=f"unloading adapter '{name}' answered {status}: {text[:300]}")
+    for name in load:
+        status, text = call(params["url"], params["api_key"], "POST", "/v1/load_lora_adapter",
+                            {"lora_name": name, "lora_path": paths[name]}, params["timeout"])
+        if status != 200:
+            module.fail_json(msg=f"loading adapter '{name}' from {paths[name]} answered {status}: {text[:300]}. "
+                                 "Is VLLM_ALLOW_RUNTIME_LORA_UPDATING set (vllm_allow_runtime_lora_updating)?")
+    module.exit_json(changed=True, loaded=load, unloaded=unload)
+
+
+if __name__ == "__main__":
+    main()
