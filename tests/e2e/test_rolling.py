@@ -189,6 +189,7 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
     deployment, lb = fleet
     starts = {h.name: h.sh("systemctl show vllm -p ActiveEnterTimestampMonotonic --value").stdout
               for h in deployment.pool.hosts}
+    releases = {h.name: current_release(h) for h in deployment.pool.hosts}
     lock = deployment.workdir / "maint.lock"
     with Load(lb_url(lb)) as load:
         result = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
@@ -200,6 +201,8 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
     report = json.loads((deployment.workdir / "reports" / "maintenance-latest.json").read_text())
     for host in deployment.pool.hosts:
         roll = report["hosts"][host.name]
-        assert roll["verified"] is True and roll["old_release"] == roll["new_release"]
+        # Maintenance restarts what runs (here: what rollback.yml left), it deploys nothing.
+        assert roll["verified"] is True and roll["old_release"] == roll["new_release"] == releases[host.name]
         assert float(roll["out_of_service_seconds"]) > 0
         assert host.sh("systemctl show vllm -p ActiveEnterTimestampMonotonic --value").stdout != starts[host.name]
+        assert current_release(host) == releases[host.name]

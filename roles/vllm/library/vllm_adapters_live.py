@@ -32,6 +32,9 @@ options:
   timeout:
     type: int
     default: 120
+  applied_marker:
+    description: A file touched after a change was applied (see vllm_service_freshness).
+    type: path
 author: vllm-lora-ansible
 """
 
@@ -54,6 +57,7 @@ unloaded:
 """
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
@@ -89,6 +93,7 @@ def main() -> None:
             "adapters": {"type": "list", "elements": "dict", "required": True},
             "changed_names": {"type": "list", "elements": "str", "default": []},
             "timeout": {"type": "int", "default": 120},
+            "applied_marker": {"type": "path"},
         },
         supports_check_mode=True,
     )
@@ -113,6 +118,10 @@ def main() -> None:
         if status != 200:
             module.fail_json(msg=f"loading adapter '{name}' from {paths[name]} answered {status}: {text[:300]}. "
                                  "Is VLLM_ALLOW_RUNTIME_LORA_UPDATING set (vllm_allow_runtime_lora_updating)?")
+    if params["applied_marker"]:
+        with open(params["applied_marker"], "a", encoding="utf-8"):
+            pass
+        os.utime(params["applied_marker"], None)
     module.exit_json(changed=True, loaded=load, unloaded=unload)
 
 

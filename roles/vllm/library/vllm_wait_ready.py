@@ -1,15 +1,17 @@
 #!/usr/bin/python
-"""Ansible module: wait until vLLM answers /health, failing early on a crash."""
+"""Ansible module: one bounded slice of waiting for vLLM's /health, failing early on a crash."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: vllm_wait_ready
-short_description: Wait for a vLLM service's /health, bounded, and fail early when it crashes
+short_description: Wait (one slice) for a vLLM service's /health, and notice a crash at once
 description:
   - vLLM has no sd_notify, so readiness is polled on C(/health) (connection refused until the engine is up).
-  - Polls the systemd unit too: a unit that failed or restarted during the wait ends the wait at once,
-    with the tail of its journal, instead of after the whole timeout.
+  - Waits at most O(slice) seconds and returns C(ready), so the task can loop with C(until) and the
+    operator sees each slice ("RETRYING ... N retries left") with how long the service has been loading.
+  - Polls the systemd unit too: a unit that failed, or restarted since O(restarts_baseline), returns
+    C(crashed) with the tail of its journal, ending the wait at once instead of after the bound.
 options:
   url:
     description: Base URL, e.g. http://127.0.0.1:8000
@@ -19,14 +21,18 @@ options:
     description: systemd unit name.
     type: str
     required: true
-  timeout:
-    description: Seconds to wait at most.
+  slice:
+    description: Seconds to wait in this call.
+    type: int
+    default: 15
+  bound:
+    description: The whole wait's bound in seconds (named in messages; the journal is attached once it is reached).
     type: int
     default: 900
-  interval:
-    description: Seconds between polls.
-    type: float
-    default: 2
+  restarts_baseline:
+    description: The unit's NRestarts before the wait began; a higher count means it crashed meanwhile.
+    type: int
+    default: 0
 author: vllm-lora-ansible
 """
 
@@ -35,17 +41,26 @@ EXAMPLES = r"""
   vllm_wait_ready:
     url: http://127.0.0.1:8000
     service: vllm
-    timeout: 900
+    bound: 900
+  register: ready
+  until: ready.ready or ready.crashed
+  retries: 60
+  delay: 0
+  failed_when: not ready.ready
 """
 
 RETURN = r"""
-elapsed:
-  description: Seconds waited.
-  type: float
+ready:
+  description: /health answered 200.
+  type: bool
   returned: always
-active_enter:
-  description: When the unit last entered the active state (ActiveEnterTimestampMonotonic, microseconds).
-  type: int
+crashed:
+  description: The unit failed or restarted during the wait.
+  type: bool
+  returned: always
+elapsed:
+  description: Seconds since the unit last became active (how long vLLM has been loading, or took to load).
+  type: float
   returned: always
 """
 
@@ -64,6 +79,12 @@ def unit_state(service: str) -> Dict[str, str]:
         capture_output=True, text=True, check=False,
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def since_active(state: Dict[str, str]) -> float:
+    """Seconds since the unit entered 'active' (systemd's monotonic clock is CLOCK_MONOTONIC)."""
+    entered = int(state.get("ActiveEnterTimestampMonotonic", "0") or 0)
+    return round(time.clock_gettime(time.CLOCK_MONOTONIC) - entered / 1e6, 1) if entered else 0.0
 
 
 def health(url: str) -> int:
@@ -88,35 +109,40 @@ def main() -> None:
         argument_spec={
             "url": {"type": "str", "required": True},
             "service": {"type": "str", "required": True},
-            "timeout": {"type": "int", "default": 900},
-            "interval": {"type": "float", "default": 2},
+            "slice": {"type": "int", "default": 15},
+            "bound": {"type": "int", "default": 900},
+            "restarts_baseline": {"type": "int", "default": 0},
         },
         supports_check_mode=True,
     )
-    url, service = module.params["url"], module.params["service"]
-    start = time.monotonic()
-    first = unit_state(service)
-    restarts = first.get("NRestarts", "0")
+    url, service, bound = module.params["url"], module.params["service"], module.params["bound"]
+    deadline = time.monotonic() + module.params["slice"]
     status = 0
-    while time.monotonic() - start < module.params["timeout"]:
+    while True:
         status = health(url)
         state = unit_state(service)
+        elapsed = since_active(state)
         if status == 200:
-            module.exit_json(changed=False, elapsed=round(time.monotonic() - start, 1), status=status,
-                             active_enter=int(state.get("ActiveEnterTimestampMonotonic", "0") or 0))
-        if state.get("ActiveState") == "failed" or state.get("NRestarts", "0") != restarts:
-            module.fail_json(
+            module.exit_json(changed=False, ready=True, crashed=False, elapsed=elapsed,
+                             msg=f"{service} ready, {elapsed:.0f}s after it started")
+        restarts = int(state.get("NRestarts", "0") or 0)
+        if state.get("ActiveState") in ("failed", "inactive") or restarts > module.params["restarts_baseline"]:
+            module.exit_json(
+                changed=False, ready=False, crashed=True, elapsed=elapsed,
                 msg=(f"{service} stopped while loading (state {state.get('ActiveState')}/{state.get('SubState')}, "
-                     f"result {state.get('Result')}, restarts {restarts}->{state.get('NRestarts')}) after "
-                     f"{time.monotonic() - start:.0f}s; last journal lines:\n{journal_tail(service)}"),
-                elapsed=round(time.monotonic() - start, 1),
+                     f"result {state.get('Result')}, restarts {module.params['restarts_baseline']}->{restarts}); "
+                     f"last journal lines:\n{journal_tail(service)}"),
             )
-        time.sleep(module.params["interval"])
-    module.fail_json(
-        msg=(f"{service}: {url}/health did not answer 200 within {module.params['timeout']}s (last status "
-             f"{status or 'connection refused'}). Raise vllm_health_timeout if the model needs longer to load; "
-             f"last journal lines:\n{journal_tail(service)}"),
-        elapsed=round(time.monotonic() - start, 1),
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    final = elapsed >= bound
+    module.exit_json(
+        changed=False, ready=False, crashed=False, elapsed=elapsed,
+        msg=(f"{service}: {url}/health not ready {elapsed:.0f}s after the service started (bound {bound}s, last "
+             f"status {status or 'connection refused'})"
+             + (f". Raise vllm_health_timeout if the model needs longer to load; last journal lines:\n"
+                f"{journal_tail(service)}" if final else "")),
     )
 
 
