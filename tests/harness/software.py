@@ -21,10 +21,11 @@ LOCAL_GROUP_VARS = REPO / "inventory" / "local" / "group_vars"
 
 
 def software_tag() -> str:
-    """Changes with the base image, the lock file and the install tasks."""
+    """Changes with the base image, the lock file, the install tasks and the local declaration."""
     recipe = "\n".join([
         image.base_tag(), wheelhouse.lock_hash(),
         hashlib.sha256((REPO / "roles/vllm/tasks/install.yml").read_bytes()).hexdigest(),
+        hashlib.sha256((LOCAL_GROUP_VARS / "vllm_servers.yml").read_bytes()).hexdigest(),
     ])
     return f"{image.REPO}:sw-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 

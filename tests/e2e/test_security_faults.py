@@ -1,0 +1,716 @@
+"""Security and fault tolerance on real systemd test hosts with a real vLLM 0.11.0 (CPU build).
+
+Every play in this module deploys with a distinctive API key and HF token, so
+the last test can look for them everywhere a secret must never be: the play
+output (also at -vvv with --diff), the journal, `systemctl show`, `ps`,
+/proc/*/cmdline and every file written on the host while the module ran.
+
+The tests run in file order and share one host (two for the unreachable-host
+test). A test that breaks the service puts it back in a `finally`, so the
+next one starts from a healthy, verified service.
+
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import LOG_DIR, Deployment, declaration_vars, write_vars
+from tests.fixtures import tinyqwen
+from tests.harness.ansible import BIN, REPO, PlayResult, parse_recap
+from tests.harness import hosts
+from tests.harness.hosts import HostPool
+
+HOST_COUNT = 1
+
+# Distinctive, random per run: a hit in any output can only be a leak.
+API_KEY = "sk-vllmtest-" + secrets.token_hex(12)
+HF_TOKEN = "hf_vllmtest" + secrets.token_hex(12)
+ROTATED_API_KEY = "sk-vllmrotated-" + secrets.token_hex(12)
+SECRETS: dict[str, str] = {"vllm_api_key": API_KEY, "vllm_hf_token": HF_TOKEN}
+
+# Output of every play this module ran, for the leak test.
+OUTPUTS: list[str] = []
+
+URL = "http://127.0.0.1:8000"
+UNIT = "/etc/systemd/system/vllm.service"
+ENV_FILE = "/etc/vllm/vllm.env"
+SERVED_MODEL = "/srv/vllm/models/tiny-qwen2"
+PADDING_MIB = 1024
+MAX_EXPOSURE = 2.0
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def play(dep: Deployment, *args: str, **overrides: Any) -> PlayResult:
+    """deployment.play with this module's secrets; the output is kept for the leak test."""
+    started = time.monotonic()
+    result = dep.play(*args, **{**SECRETS, **overrides})
+    OUTPUTS.append(result.output)
+    print(f"[play {' '.join(args) or 'site.yml'}: rc={result.rc}, {time.monotonic() - started:.0f}s]")
+    return result
+
+
+@dataclass
+class Background:
+    """An ansible-playbook run in its own process group, so it can be SIGKILLed whole."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    command: list[str]
+    started: float = field(default_factory=time.monotonic)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = 900) -> PlayResult:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        output = self.log.read_text(errors="replace")
+        OUTPUTS.append(output)
+        with (LOG_DIR / f"{self.log.parent.name}.log").open("a") as handle:
+            handle.write(f"\n$ {' '.join(self.command)}  # in the background\n{output}\n[rc={self.proc.returncode}]\n")
+        return PlayResult(rc=self.proc.returncode, output=output, recap=parse_recap(output))
+
+
+def start_play(dep: Deployment, adapters: tuple[str, ...] = ("alpha", "beta"), **overrides: Any) -> Background:
+    """site.yml like Deployment.play, but in the background."""
+    dep.runs += 1
+    overrides = {**SECRETS, **overrides}
+    overrides.setdefault("vllm_report_dir", str(dep.workdir / "reports"))
+    vars_file = write_vars(dep.workdir / f"vars-{dep.runs}.json", declaration_vars(dep.fixtures, adapters, **overrides))
+    command = [str(BIN / "ansible-playbook"), str(REPO / "playbooks" / "site.yml"), "-i", str(dep.inventory),
+               "-e", f"@{vars_file}"]
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
+                   "ANSIBLE_NOCOLOR": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    log = dep.workdir / f"background-{dep.runs}.log"
+    handle = log.open("wb")
+    proc = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    handle.close()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    return Background(proc=proc, log=log, command=command)
+
+
+def unit_state(host: hosts.TestHost) -> dict[str, str]:
+    out = host.sh("systemctl show vllm -p ActiveState -p SubState -p Result -p NRestarts -p MainPID "
+                  "-p ExecMainStartTimestamp --timestamp=unix").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def started_at(host: hosts.TestHost) -> int:
+    """When the running vLLM process was started (unix seconds)."""
+    return int(unit_state(host)["ExecMainStartTimestamp"].lstrip("@") or 0)
+
+
+def health(host: hosts.TestHost) -> int:
+    out = host.sh(f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {URL}/health", check=False).stdout
+    return int(out or 0)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_healthy(host: hosts.TestHost, timeout: float = 240) -> None:
+    wait_until(lambda: health(host) == 200, timeout, f"{host.name}: vllm /health 200", interval=2)
+
+
+def ensure_healthy(host: hosts.TestHost) -> None:
+    """Put the service back (for `finally` blocks): start it if it is down, wait for /health."""
+    if health(host) == 200:
+        return
+    host.sh("systemctl reset-failed vllm; systemctl start vllm", check=False, timeout=120)
+    wait_healthy(host)
+
+
+def request(host: hosts.TestHost, method: str, path: str, body: dict[str, Any] | None = None,
+            key: str | None = None, timeout: int = 60) -> tuple[int, str]:
+    """HTTP from inside the host. The key travels on stdin (curl -H @-), never on a command line."""
+    command = f"curl -s -m {timeout} -o /tmp/.body -w '%{{http_code}}' -X {method} -H @- -H 'Content-Type: application/json'"
+    if body is not None:
+        command += f" --data-binary {shlex.quote(json.dumps(body))}"
+    command += f" {URL}{path}; echo; cat /tmp/.body; rm -f /tmp/.body"
+    headers = f"Authorization: Bearer {key}\n" if key else "X-No-Key: 1\n"
+    result = subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c", command], input=headers,
+                            capture_output=True, text=True, timeout=timeout + 30, check=False)
+    status, _, text = result.stdout.partition("\n")
+    return int(status or 0), text
+
+
+def chat_body(model: str, prompt: str = "Tell me about the sea.") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12}
+
+
+def answer(host: hosts.TestHost, model: str, key: str = API_KEY) -> str:
+    status, text = request(host, "POST", "/v1/chat/completions", chat_body(model), key=key)
+    assert status == 200, text
+    return str(json.loads(text)["choices"][0]["message"]["content"])
+
+
+def snapshot(host: hosts.TestHost) -> dict[str, str]:
+    """What a refused run must not touch: unit, secrets file, served files, releases, state, process."""
+    tree = host.sh(
+        "find /srv/vllm /etc/vllm /opt/vllm /var/lib/vllm-deploy /etc/systemd/system -path /opt/vllm/venvs -prune "
+        "-o -printf '%p %s %m %T@\\n' 2>/dev/null | sort | sha256sum"
+    ).stdout.split()[0]
+    files = host.sh(f"sha256sum {UNIT} {ENV_FILE}").stdout
+    state = unit_state(host)
+    return {"tree": tree, "files": files, "MainPID": state["MainPID"], "NRestarts": state["NRestarts"]}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def task_names(output: str) -> list[str]:
+    return re.findall(r"^TASK \[vllm : (.*?)\](?: \**)?\s*$", output, re.MULTILINE)
+
+
+class ServedDirWatch:
+    """Polls the served directories from inside the host while a run copies files,
+    recording anything the service could see that is not a complete, expected file."""
+
+    def __init__(self, host: hosts.TestHost, expected_sizes: dict[str, int]) -> None:
+        self.host = host
+        self.expected = expected_sizes  # path -> size; other paths are anomalies
+        self.anomalies: list[str] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = self.host.sh("find /srv/vllm/models /srv/vllm/adapters -type f -printf '%p %s\\n'",
+                               check=False, timeout=30).stdout
+            self.polls += 1
+            for line in out.splitlines():
+                path, _, size = line.rpartition(" ")
+                if path not in self.expected:
+                    self.anomalies.append(f"unexpected file {path} ({size} bytes)")
+                elif int(size) != self.expected[path]:
+                    self.anomalies.append(f"{path} has {size} bytes, a complete copy has {self.expected[path]}")
+            self._stop.wait(0.3)
+
+    def __enter__(self) -> ServedDirWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converged(deployment: Deployment) -> PlayResult:
+    """First deployment, with the API key and HF token set, at -v."""
+    host = deployment.pool.hosts[0]
+    host.sh("touch /var/tmp/.security-faults-start")
+    result = play(deployment, "-v")
+    assert result.rc == 0, result.tail(120)
+    return result
+
+
+@pytest.fixture(scope="module")
+def big_model(fixtures: tinyqwen.Fixtures, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The fixture model plus a 1 GiB file: a copy that takes long enough to be interrupted."""
+    root = tmp_path_factory.mktemp("big-model") / "tiny-qwen2"
+    shutil.copytree(fixtures.model, root)
+    with (root / "padding.dat").open("wb") as handle:
+        for _ in range(PADDING_MIB):
+            handle.write(os.urandom(1 << 20))
+    (root / "padding.dat").chmod(0o644)
+    sizes = {f"{SERVED_MODEL}/{p.name}": p.stat().st_size for p in root.iterdir() if p.is_file()}
+    return {"path": root, "sizes": sizes, "padding_sha256": sha256(root / "padding.dat"),
+            "vllm_model": {"name": "tiny-qwen2", "source": "controller", "path": str(root),
+                           "aliases": [fixtures.base_model_name]}}
+
+
+@pytest.fixture(scope="module")
+def pair(software_image: str, fixtures: tinyqwen.Fixtures,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Two hosts, only for the unreachable-host test."""
+    with HostPool(image=software_image, count=2, prefix="vllm-e2e") as pool:
+        yield Deployment(pool, tmp_path_factory.mktemp("security_faults_pair"), fixtures)
+
+
+# --- access rules: the task file alone, on the controller (seconds) --------------------------
+
+ACCESS_CASES: list[tuple[str, dict[str, Any], list[str] | None]] = [
+    ("defaults", {}, None),
+    ("loopback 127.0.1.1", {"vllm_listen_host": "127.0.1.1"}, None),
+    ("loopback localhost", {"vllm_listen_host": "localhost"}, None),
+    ("loopback ::1", {"vllm_listen_host": "::1"}, None),
+    ("network without key", {"vllm_listen_host": "0.0.0.0"},
+     ['vllm_listen_host="0.0.0.0"', "vllm_api_key is empty", "vllm_allow_unauthenticated_network: true"]),
+    ("network, IPv6, without key", {"vllm_listen_host": "::"}, ['vllm_listen_host="::"', "vllm_api_key"]),
+    ("network with key", {"vllm_listen_host": "0.0.0.0", "vllm_api_key": API_KEY}, None),
+    ("network, named opt-out", {"vllm_listen_host": "0.0.0.0", "vllm_allow_unauthenticated_network": True}, None),
+    ("opt-out plus runtime LoRA loading",
+     {"vllm_listen_host": "10.1.2.3", "vllm_allow_unauthenticated_network": True, "vllm_allow_runtime_lora_updating": True},
+     ["vllm_allow_runtime_lora_updating"]),
+    ("--api-key in extra args", {"vllm_extra_args": ["--api-key", API_KEY]}, ["--api-key", "vllm_api_key"]),
+    ("--api-k= prefix in extra args", {"vllm_extra_args": [f"--api-k={API_KEY}"]}, ["--api-key"]),
+    ("--trust-remote-code", {"vllm_extra_args": ["--trust-remote-code"]}, ["vllm_trust_remote_code: true"]),
+    ("--trust_remote prefix", {"vllm_extra_args": ["--trust_remote"]}, ["--trust-remote-code"]),
+    ("--trust-remote-code, asked for", {"vllm_extra_args": ["--trust-remote-code"], "vllm_trust_remote_code": True}, None),
+    ("--host in extra args", {"vllm_extra_args": ["--host", "0.0.0.0"]}, ["--host", "vllm_listen_host"]),
+    ("secret in vllm_environment", {"vllm_environment": {"HF_TOKEN": HF_TOKEN}}, ["vllm_environment.HF_TOKEN", "vllm_hf_token"]),
+    ("harmless vllm_environment", {"vllm_environment": {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}}, None),
+    ("key an env file cannot carry", {"vllm_api_key": "two words"}, ["vllm_api_key contains whitespace"]),
+]
+
+
+@pytest.fixture(scope="module")
+def access_playbook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("access") / "access.yml"
+    path.write_text(
+        "- name: Access rules alone\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - name: Run the access preflight\n      ansible.builtin.include_role:\n"
+        "        name: vllm\n        tasks_from: preflight_access.yml\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(("variables", "expected"), [case[1:] for case in ACCESS_CASES], ids=[case[0] for case in ACCESS_CASES])
+def test_access_rules_task_file(access_playbook: Path, variables: dict[str, Any], expected: list[str] | None) -> None:
+    vars_file = access_playbook.with_name(f"vars-{hashlib.sha256(json.dumps(variables).encode()).hexdigest()[:8]}.json")
+    vars_file.write_text(json.dumps(variables))
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+                   "ANSIBLE_NOCOLOR": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", str(access_playbook),
+                             "-e", f"@{vars_file}", "-vvv"],
+                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert API_KEY not in output and HF_TOKEN not in output, "a secret was echoed"
+    if expected is None:
+        assert result.returncode == 0, output[-3000:]
+    else:
+        assert result.returncode != 0, output[-3000:]
+        failure = output[output.find("fatal:"):].replace('\\"', '"')
+        for text in expected:
+            assert text in failure, f"{text!r} missing from:\n{failure[:3000]}"
+
+
+# --- the hardened unit, as rendered, runs the real vLLM -----------------------------------------
+
+def test_unit_as_rendered_runs_verified_with_exposure_at_most_2(deployment: Deployment, converged: PlayResult,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    host = deployment.pool.hosts[0]
+    report = deployment.report()[host.name]
+    assert report["verified"] is True, converged.tail(80)
+    # Exactly the unit the role rendered: no drop-in, no override, no test-only tweak.
+    shown = dict(line.split("=", 1) for line in host.sh(
+        "systemctl show vllm -p FragmentPath -p DropInPaths -p User -p NoNewPrivileges -p ProtectSystem "
+        "-p PrivateDevices -p CapabilityBoundingSet -p AmbientCapabilities -p Restart -p StartLimitBurst "
+        "-p StartLimitIntervalUSec -p RestartUSec -p UMask -p ActiveState").stdout.splitlines())
+    assert shown["FragmentPath"] == UNIT and shown["DropInPaths"] == "", shown
+    assert shown["ActiveState"] == "active" and shown["User"] == "vllm", shown
+    assert shown["NoNewPrivileges"] == "yes" and shown["ProtectSystem"] == "strict", shown
+    assert shown["CapabilityBoundingSet"] == "" and shown["AmbientCapabilities"] == "", shown
+    assert (shown["StartLimitBurst"], shown["StartLimitIntervalUSec"], shown["RestartUSec"]) == ("5", "10min", "10s"), shown
+    assert host.sh(f"stat -c '%U %G %a' {ENV_FILE}").stdout.split() == ["root", "root", "600"]
+
+    table = host.sh("systemd-analyze security vllm.service --no-pager", check=False).stdout
+    match = re.search(r"Overall exposure level for vllm\.service:\s*([0-9.]+)", table)
+    assert match, table
+    exposure = float(match.group(1))
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    (LOG_DIR / "systemd-analyze-security.txt").write_text(table)
+    with capsys.disabled():
+        print(f"\n--- systemd-analyze security vllm.service (on {host.name}) ---\n{table}")
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{table}"
+
+
+def test_api_key_required_runtime_lora_off_no_remote_code(deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    assert request(host, "GET", "/v1/models")[0] == 401
+    assert request(host, "GET", "/v1/models", key="wrong-" + API_KEY[::-1])[0] == 401
+    status, text = request(host, "GET", "/v1/models", key=API_KEY)
+    assert status == 200 and sorted(card["id"] for card in json.loads(text)["data"]) == ["alpha", "beta", "tiny-qwen2"]
+    assert request(host, "POST", "/v1/chat/completions", chat_body("alpha"))[0] == 401
+    assert answer(host, "alpha") != answer(host, "tiny-qwen2")
+    # /health is open by vLLM's design (the deployer polls it without a key).
+    assert health(host) == 200
+    # Runtime adapter loading is off: the route does not exist, even with the key.
+    status, _ = request(host, "POST", "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "/tmp"}, key=API_KEY)
+    assert status == 404
+    unit = host.sh(f"cat {UNIT}").stdout
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in unit
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert "--trust-remote-code" not in exec_start and "--api-key" not in exec_start
+    # Loopback only (the default listen address).
+    listeners = host.sh("ss -Hltn 'sport = :8000'").stdout.split()
+    assert "127.0.0.1:8000" in listeners and "0.0.0.0:8000" not in listeners and "*:8000" not in listeners, listeners
+
+
+def test_api_key_covers_every_route_that_uses_the_model(deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    open_routes = []
+    for path, body in [("/invocations", chat_body("tiny-qwen2")),
+                       ("/tokenize", {"model": "tiny-qwen2", "prompt": "hello"})]:
+        status, text = request(host, "POST", path, body)
+        if status != 401:
+            open_routes.append(f"POST {path} without a key -> {status} {text[:120]}")
+    assert not open_routes, "\n".join(open_routes)
+
+
+# --- a bad value in a role variable ---------------------------------------------------------------
+
+BAD_VARIABLES = [
+    ("vllm_port", {"vllm_port": "eighty"}, "vllm_port"),
+    ("vllm_max_lora_rank", {"vllm_max_lora_rank": 24}, "vllm_max_lora_rank"),
+    ("adapter source", {"vllm_lora_adapters": [{"name": "alpha", "source": "s3", "path": "/x"}]}, "vllm_lora_adapters"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "variable"), [case[1:] for case in BAD_VARIABLES], ids=[case[0] for case in BAD_VARIABLES])
+def test_bad_variable_rejected_by_argument_specs_before_any_task(deployment: Deployment, converged: PlayResult,
+                                                                 overrides: dict[str, Any], variable: str) -> None:
+    host = deployment.pool.hosts[0]
+    before = snapshot(host)
+    result = play(deployment, **overrides)
+    assert result.rc != 0
+    failure = result.output[result.output.find("Validating arguments against arg spec"):]
+    assert "Validation of arguments failed" in failure and variable in failure.split("fatal:")[0], result.tail(40)
+    assert task_names(result.output)[0].startswith("Validating arguments against arg spec"), task_names(result.output)
+    assert len(task_names(result.output)) == 1, f"tasks ran after the validation: {task_names(result.output)}"
+    assert result.recap[host.name]["changed"] == 0
+    assert snapshot(host) == before
+    assert health(host) == 200
+
+
+
+HOST_ACCESS_CASES = [
+    ("network without key", {"vllm_listen_host": "0.0.0.0", "vllm_api_key": ""},
+     ["vllm_listen_host", "vllm_api_key", "vllm_allow_unauthenticated_network"]),
+    ("--api-key in extra args", {"vllm_extra_args": ["--api-key", API_KEY]}, ["--api-key"]),
+    ("--trust-remote-code", {"vllm_extra_args": ["--trust-remote-code"]}, ["vllm_trust_remote_code"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "named"), [case[1:] for case in HOST_ACCESS_CASES], ids=[case[0] for case in HOST_ACCESS_CASES])
+def test_access_rules_refuse_before_anything_changes(deployment: Deployment, converged: PlayResult,
+                                                     overrides: dict[str, Any], named: list[str]) -> None:
+    host = deployment.pool.hosts[0]
+    before = snapshot(host)
+    result = play(deployment, **overrides)
+    assert result.rc != 0
+    failure = result.output[result.output.find("Check the access rules"):]
+    for name in named:
+        assert name in failure, f"{name} not named:\n{failure[:2000]}"
+    assert result.recap[host.name]["changed"] == 0
+    assert snapshot(host) == before and health(host) == 200
+
+
+# --- the engine killed ------------------------------------------------------------------------------
+
+def test_sigkill_of_the_api_server_systemd_restarts_and_verification_passes(deployment: Deployment,
+                                                                          converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    before = unit_state(host)
+    try:
+        host.sh(f"kill -KILL {before['MainPID']}")
+        wait_until(lambda: unit_state(host)["NRestarts"] != before["NRestarts"], 60, "systemd to schedule a restart")
+        wait_healthy(host, 240)
+        after = unit_state(host)
+        assert after["MainPID"] != before["MainPID"] and after["ActiveState"] == "active"
+        result = play(deployment, "--tags", "verify")
+        assert result.rc == 0, result.tail(60)
+        assert deployment.report()[host.name]["verified"] is True
+    finally:
+        ensure_healthy(host)
+
+
+def test_sigkill_of_the_engine_process_systemd_restarts_and_verification_passes(deployment: Deployment,
+                                                                              converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    before = unit_state(host)
+    try:
+        engine = host.sh("pgrep -u vllm -f '^VLLM::EngineCore'").stdout.split()
+        assert len(engine) == 1, engine
+        host.sh(f"kill -KILL {engine[0]}")
+
+        def restarted_or_down() -> str:
+            state = unit_state(host)
+            if state["NRestarts"] != before["NRestarts"]:
+                return "restarting"
+            if state["ActiveState"] in ("inactive", "failed"):
+                return f"down: {state['ActiveState']} result={state['Result']}"
+            return ""
+
+        outcome = wait_until(restarted_or_down, 60, "the API server to notice the dead engine")
+        if outcome.startswith("down"):
+            time.sleep(15)  # longer than RestartSec=10: would a restart still come?
+            state = unit_state(host)
+            assert state["NRestarts"] != before["NRestarts"], (
+                f"service {outcome} and not restarted after 15 s; journal:\n"
+                + host.sh("journalctl -u vllm -n 6 -o cat --no-pager").stdout)
+        wait_healthy(host, 240)
+        result = play(deployment, "--tags", "verify")
+        assert result.rc == 0, result.tail(60)
+    finally:
+        ensure_healthy(host)
+
+
+def test_a_sampled_request_is_answered_and_the_service_survives(deployment: Deployment,
+                                                               converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    before = unit_state(host)
+    try:
+        body = {**chat_body("alpha"), "temperature": 0.8, "top_p": 0.9}
+        # The first sampled request compiles the sampler: allow minutes on a busy 2-core host.
+        status, text = request(host, "POST", "/v1/chat/completions", body, key=API_KEY, timeout=300)
+        time.sleep(8)  # the API server's watchdog shuts down within 5 s of an engine death
+        state = unit_state(host)
+        assert status == 200, f"{status} {text[:200]}; service {state['ActiveState']}/{state['Result']}"
+        assert state["MainPID"] == before["MainPID"] and health(host) == 200
+    finally:
+        ensure_healthy(host)
+
+
+# --- a crash loop ---------------------------------------------------------------------------------------
+
+def test_crash_loop_stops_at_the_start_limit(deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    try:
+        broken = play(deployment, vllm_extra_args=["--no-such-flag"])
+        assert broken.rc != 0
+        assert "stopped while loading" in broken.output, broken.tail(40)
+        burst = int(host.sh("systemctl show vllm -p StartLimitBurst --value").stdout)
+        wait_until(lambda: unit_state(host)["ActiveState"] == "failed", 300, "the unit to hit its start limit", interval=3)
+        failed = unit_state(host)
+        journal = host.sh(f"journalctl -u vllm --since '{mark}' -o cat --no-pager").stdout
+        assert "Start request repeated too quickly" in journal, journal[-2000:]
+        assert "unrecognized arguments: --no-such-flag" in journal
+        assert failed["Result"] in ("start-limit-hit", "exit-code"), failed
+        assert 1 <= int(failed["NRestarts"]) <= burst, failed
+        starts = journal.count("Started vllm.service")
+        assert 1 <= starts <= burst + 1, starts
+        time.sleep(30)  # three times RestartSec: nothing may start any more
+        assert unit_state(host) == failed
+        later = host.sh(f"journalctl -u vllm --since '{mark}' -o cat --no-pager").stdout.count("Started vllm.service")
+        assert later == starts, (starts, later)
+    finally:
+        restored = play(deployment)
+    assert restored.rc == 0, restored.tail(60)
+    assert deployment.report()[host.name]["verified"] is True
+    assert unit_state(host)["ActiveState"] == "active"
+
+
+# --- disk and interrupted copies ---------------------------------------------------------------------
+
+def test_not_enough_disk_refused_before_copying(deployment: Deployment, converged: PlayResult,
+                                                big_model: dict[str, Any]) -> None:
+    host = deployment.pool.hosts[0]
+    free_mib = int(host.sh("df -Pm /srv/vllm | awk 'NR==2 {print $4}'").stdout)
+    before = snapshot(host)
+    # Reserve exactly what is free: the 1 GiB model cannot fit on top of it.
+    result = play(deployment, vllm_model=big_model["vllm_model"], vllm_disk_reserve_mib=free_mib)
+    assert result.rc != 0
+    assert "not enough disk space" in result.output and f"the copies need {PADDING_MIB} MiB" in result.output, result.tail(30)
+    assert "Nothing was copied" in result.output
+    assert not [name for name in task_names(result.output) if name.startswith("Copy changed files")]
+    assert result.recap[host.name]["changed"] == 0
+    assert snapshot(host) == before
+    assert host.sh("find /srv/vllm/.staging -type f | wc -l").stdout.strip() == "0"
+    assert host.sh("find /root/.ansible/tmp -type f 2>/dev/null | wc -l").stdout.strip() == "0"
+    assert health(host) == 200 and answer(host, "alpha")
+
+
+def test_interrupted_copy_is_finished_by_the_next_run_and_never_served_partial(
+        deployment: Deployment, converged: PlayResult, big_model: dict[str, Any]) -> None:
+    host = deployment.pool.hosts[0]
+    old_files = {line.rpartition(" ")[0]: int(line.rpartition(" ")[2]) for line in host.sh(
+        "find /srv/vllm/models /srv/vllm/adapters -type f -printf '%p %s\\n'").stdout.splitlines()}
+    before = unit_state(host)
+    total = big_model["sizes"][f"{SERVED_MODEL}/padding.dat"]
+    with ServedDirWatch(host, {**old_files, **big_model["sizes"]}) as watch:
+        run = start_play(deployment, vllm_model=big_model["vllm_model"])
+        partial = 0
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and run.running():
+            sizes = host.sh("find /root/.ansible/tmp -type f -name '.source*' -printf '%s\\n' 2>/dev/null",
+                            check=False).stdout.split()
+            growing = [int(size) for size in sizes if 0 < int(size) < total]
+            if growing:
+                run.kill()
+                partial = growing[0]
+                break
+            time.sleep(0.05)
+        killed = run.finish(timeout=60)
+        assert partial, f"the run ended (rc={killed.rc}) before a partial copy was seen:\n{killed.tail(30)}"
+        print(f"[killed ansible-playbook with {partial / 2**20:.0f} of {total / 2**20:.0f} MiB transferred]")
+        time.sleep(3)  # the in-host end of the transfer drains
+        served = host.sh(f"ls -A {SERVED_MODEL}").stdout.split()
+        assert "padding.dat" not in served, served
+        assert unit_state(host)["MainPID"] == before["MainPID"] and health(host) == 200
+        leftovers = host.sh("find /root/.ansible/tmp -type f -printf '%p %s\\n' 2>/dev/null", check=False).stdout
+        print(f"[left in the remote tmp by the killed run: {leftovers.strip() or 'nothing'}]")
+
+        rerun = play(deployment, vllm_model=big_model["vllm_model"])
+    assert rerun.rc == 0, rerun.tail(60)
+    assert deployment.report()[host.name]["verified"] is True
+    assert watch.polls > 10 and not watch.anomalies, watch.anomalies[:10]
+    placed = host.sh(f"sha256sum {SERVED_MODEL}/padding.dat").stdout.split()[0]
+    assert placed == big_model["padding_sha256"]
+    assert host.sh("find /srv/vllm/.staging -type f | wc -l").stdout.strip() == "0"
+    assert unit_state(host)["MainPID"] != before["MainPID"], "the new model files need a restart"
+
+
+def test_restart_is_not_lost_when_the_play_is_killed_after_the_change(
+        deployment: Deployment, converged: PlayResult, big_model: dict[str, Any]) -> None:
+    host = deployment.pool.hosts[0]
+    fx = deployment.fixtures
+    # The adapter named alpha gets other weights (gamma's): its answer must change.
+    swapped = [{"name": "alpha", "source": "controller", "path": str(fx.adapters["gamma"])},
+               {"name": "beta", "source": "controller", "path": str(fx.adapters["beta"])}]
+    old_alpha = answer(host, "alpha")
+    before = unit_state(host)
+    current = host.sh("readlink /opt/vllm/current 2>/dev/null || true").stdout.strip()
+    try:
+        run = start_play(deployment, vllm_model=big_model["vllm_model"], vllm_lora_adapters=swapped)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and run.running():
+            now = host.sh("readlink /opt/vllm/current 2>/dev/null || true", check=False).stdout.strip()
+            if now != current:  # the new release is current; the handler has not run yet
+                run.kill()
+                break
+            time.sleep(0.05)
+        killed = run.finish(timeout=60)
+        if unit_state(host)["MainPID"] != before["MainPID"] or "RUNNING HANDLER" in killed.output:
+            pytest.skip("the kill came after the restart; nothing to test this time")
+        assert killed.rc != 0, "the run was not interrupted"
+
+        rerun = play(deployment, vllm_model=big_model["vllm_model"], vllm_lora_adapters=swapped)
+        assert rerun.rc == 0, rerun.tail(60)
+        newest = int(host.sh("stat -c %Y /srv/vllm/adapters/alpha/adapter_model.safetensors").stdout)
+        assert started_at(host) >= newest, (
+            f"vLLM (started {started_at(host)}) is older than the adapter files it serves ({newest}); "
+            f"re-run: changed={rerun.changed()}")
+        assert answer(host, "alpha") != old_alpha
+    finally:
+        host.sh("systemctl restart vllm", check=False, timeout=120)
+        wait_healthy(host)
+
+
+# --- a host lost in the middle of a run --------------------------------------------------------------
+
+def test_unreachable_host_mid_run_stops_cleanly_and_rerun_converges(deployment: Deployment, pair: Deployment) -> None:
+    # Free the shared CPUs: this test starts vLLM on two more hosts.
+    deployment.pool.hosts[0].sh("systemctl stop vllm", check=False, timeout=120)
+    first, lost = pair.pool.hosts
+    run = start_play(pair)
+    try:
+        wait_until(lambda: lost.sh("systemctl is-active vllm", check=False).stdout.strip() == "active"
+                   or not run.running(), 600, f"{lost.name} to start vllm", interval=0.5)
+        assert run.running(), "the run ended before the host could be lost"
+        subprocess.run(["docker", "kill", lost.name], check=True, capture_output=True, timeout=60)
+        lost_at = time.monotonic() - run.started
+        result = run.finish(timeout=900)
+    finally:
+        if run.running():
+            run.kill()
+    print(f"[{lost.name} killed {lost_at:.0f}s into the run; run rc={result.rc}]")
+    assert result.rc != 0
+    assert result.recap[first.name]["failed"] == 0 and result.recap[first.name]["unreachable"] == 0, result.tail(40)
+    assert result.recap[lost.name]["unreachable"] + result.recap[lost.name]["failed"] >= 1, result.tail(40)
+    report = pair.report()
+    assert report[first.name]["verified"] is True and report[lost.name]["verified"] is False, report
+    marker = unit_state(first)
+    assert health(first) == 200 and answer(first, "beta")
+
+    subprocess.run(["docker", "start", lost.name], check=True, capture_output=True, timeout=120)
+    assert lost.system_state() in ("running", "degraded")
+    rerun = play(pair)
+    assert rerun.rc == 0, rerun.tail(80)
+    report = pair.report()
+    assert report[first.name]["verified"] is True and report[lost.name]["verified"] is True
+    assert rerun.recap[first.name]["changed"] == 0, "the host that stayed up must already be converged"
+    assert unit_state(first)["MainPID"] == marker["MainPID"], "the host that stayed up must not be restarted"
+    assert answer(lost, "alpha") == answer(first, "alpha")
+
+
+# --- secrets: last, so every run above is covered ----------------------------------------------------
+
+def test_secrets_never_leak(deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    # A key rotation at -vvv --diff: the environment file changes, its diff must stay hidden.
+    rotated = play(deployment, "-vvv", "--diff", vllm_api_key=ROTATED_API_KEY)
+    assert rotated.rc == 0, rotated.tail(80)
+    assert request(host, "GET", "/v1/models", key=API_KEY)[0] == 401, "the old key still works after rotation"
+    assert request(host, "GET", "/v1/models", key=ROTATED_API_KEY)[0] == 200
+
+    secrets_ = {"API key": API_KEY, "rotated API key": ROTATED_API_KEY, "HF token": HF_TOKEN}
+    leaks: list[str] = []
+
+    def look(where: str, text: str) -> None:
+        for name, value in secrets_.items():
+            if value in text:
+                line = next(line for line in text.splitlines() if value in line)
+                leaks.append(f"{name} in {where}: {line.replace(value, '<' + name + '>')[:300]}")
+
+    assert len(OUTPUTS) >= 5
+    for index, output in enumerate(OUTPUTS):
+        look(f"play output #{index}", output)
+    for log in LOG_DIR.glob("*.log"):
+        look(f"controller log {log}", log.read_text(errors="replace"))
+    for report in (deployment.workdir / "reports").glob("*"):
+        look(f"report {report}", report.read_text(errors="replace"))
+
+    look("the journal", host.sh("journalctl --no-pager -o verbose --all", timeout=300).stdout)
+    look("systemctl show", host.sh("systemctl show vllm --all; systemctl show; systemctl cat vllm").stdout)
+    look("ps auxww", host.sh("ps auxww").stdout)
+    look("/proc/*/cmdline", host.sh("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done",
+                                    check=False).stdout)
+    # Files written on the host while this module ran: only the 0600 environment file may hold a secret.
+    holders = host.sh(
+        "{ find / -xdev \\( -path /proc -o -path /sys -o -path /opt/vllm/venvs \\) -prune -o -type f "
+        "-newer /var/tmp/.security-faults-start -print; "
+        "find /run /tmp -xdev -type f -newer /var/tmp/.security-faults-start; } 2>/dev/null "
+        f"| xargs -r grep -l -F -e {shlex.quote(ROTATED_API_KEY)} -e {shlex.quote(API_KEY)} "
+        f"-e {shlex.quote(HF_TOKEN)} 2>/dev/null | sort -u", check=False, timeout=600).stdout.split()
+    env = host.sh(f"stat -c '%U %G %a' {ENV_FILE}; cat {ENV_FILE}").stdout
+    assert env.splitlines()[0] == "root root 600"
+    assert f"VLLM_API_KEY={ROTATED_API_KEY}" in env and f"HF_TOKEN={HF_TOKEN}" in env and API_KEY not in env
+    # The running service's environment holds the key; only root and the service user may read it.
+    pid = unit_state(host)["MainPID"]
+    assert host.sh(f"runuser -u nobody -- cat /proc/{pid}/environ", check=False).returncode != 0
+    assert not leaks, "\n".join(leaks)
+    assert holders == [ENV_FILE], f"files holding a secret: {holders}"
