@@ -30,7 +30,7 @@ try:
     client.containers.get("vllm-demo")
     print("[demo] container vllm-demo already running")
 except docker.errors.NotFound:
-    host = start_host(client, "vllm-demo", image.base_tag(), "demo", wheelhouse_mount())
+    host = start_host(client, "vllm-demo", image.base_tag(), "demo", wheelhouse_mount(), test_host=False)
     print(f"[demo] container vllm-demo: systemd {host.system_state()}")
 PY
 ansible-playbook playbooks/site.yml -i inventory/local/hosts.yml

@@ -23,10 +23,13 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 mkdir -p "$cache"
+# One setup at a time (a demo and a test run started together share the cache).
+exec 9>"$cache/.setup.lock"
+flock 9
 
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
-for pkg in docker.io debootstrap libnuma1 python3-venv rsync; do
+for pkg in docker.io debootstrap libnuma1 python3-venv; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then

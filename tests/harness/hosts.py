@@ -89,7 +89,7 @@ def _alive(pid: int) -> bool:
 
 def start_host(
     client: docker.DockerClient, name: str, image: str, run_id: str,
-    volumes: dict[str, dict[str, str]] | None = None,
+    volumes: dict[str, dict[str, str]] | None = None, test_host: bool = True,
 ) -> TestHost:
     """Start one container the way that boots systemd in this sandbox.
 
@@ -98,7 +98,9 @@ def start_host(
     """
     container = client.containers.run(
         image, command=["/sbin/init"], name=name, hostname=name, detach=True,
-        labels={LABEL: run_id, OWNER: str(os.getpid())}, cap_add=["SYS_ADMIN", "NET_ADMIN"],
+        # The demo host is not a test host: test runs never remove it.
+        labels={LABEL: run_id, OWNER: str(os.getpid())} if test_host else {"io.vllm-lora-ansible.demo": run_id},
+        cap_add=["SYS_ADMIN", "NET_ADMIN"],
         security_opt=["seccomp=unconfined"], cgroupns="host",
         volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}, **(volumes or {})},
         tmpfs={"/run": "", "/run/lock": "", "/tmp": ""},
