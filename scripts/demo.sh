@@ -37,8 +37,10 @@ ansible-playbook playbooks/site.yml -i inventory/local/hosts.yml
 
 ask() {
   docker exec vllm-demo curl -s http://127.0.0.1:8000/v1/chat/completions \
-    -H 'Content-Type: application/json' -d "$1" | python -c \
-    'import json,sys; r=json.load(sys.stdin); print(f"  model={r.get(\"model\")!r}: {r[\"choices\"][0][\"message\"][\"content\"]!r}")'
+    -H 'Content-Type: application/json' -d "$1" | python -c '
+import json, sys
+r = json.load(sys.stdin)
+print("  model=%r: %r" % (r.get("model"), r["choices"][0]["message"]["content"]))'
 }
 prompt='"messages":[{"role":"user","content":"Tell me about the sea."}],"temperature":0,"max_tokens":16'
 echo

@@ -75,3 +75,26 @@ def test_probes_stay_open(path: str) -> None:
 
 def test_no_key_configured_means_no_check() -> None:
     assert call("/invocations", "10.0.0.5", middleware=lambda app: guard.ApiKeyOnEveryRoute(app, api_key="")) == (200, None, True)
+
+
+@pytest.mark.parametrize("header", [b"bearer s3cret", b"BEARER s3cret", b"Bearer  s3cret"])
+def test_the_bearer_scheme_is_case_insensitive(header: bytes) -> None:
+    assert call("/invocations", "10.0.0.5", middleware=keyed, headers=[(b"authorization", header)]) == (200, None, True)
+
+
+def test_a_websocket_without_the_key_is_closed() -> None:
+    sent: list[dict[str, Any]] = []
+    reached: list[str] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        reached.append(scope["path"])
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    scope = {"type": "websocket", "path": "/v1/realtime", "root_path": "", "client": ("10.0.0.5", 1), "headers": []}
+    asyncio.run(keyed(app)(scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and not reached

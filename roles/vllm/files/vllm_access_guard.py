@@ -68,13 +68,18 @@ class ApiKeyOnEveryRoute:
     def _authorised(self, scope: Scope) -> bool:
         for name, value in scope.get("headers") or []:
             if name.lower() == b"authorization":
-                return hmac.compare_digest(value, b"Bearer " + self.key)
+                scheme, _, token = bytes(value).partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.key and scope.get("type") == "http" and scope.get("method") != "OPTIONS"
+        kind = scope.get("type")
+        if (self.key and kind in ("http", "websocket") and scope.get("method") != "OPTIONS"
                 and _path(scope) not in OPEN_PATHS and not self._authorised(scope)):
-            await _deny(send, 401, b'{"error":"Unauthorized"}')  # vLLM's own 401 body
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await _deny(send, 401, b'{"error":"Unauthorized"}')  # vLLM's own 401 body
             return
         await self.app(scope, receive, send)
 
