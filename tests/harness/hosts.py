@@ -11,8 +11,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,29 +159,19 @@ def write_inventory(
         link = directory / "group_vars"
         if not link.exists():
             link.symlink_to(group_vars_from.resolve())
-    inventory: dict[str, Any] = {
-        "all": {
-            "children": {
-                group: {
-                    "hosts": {
-                        name: {
-                            "ansible_connection": "community.docker.docker",
-                            "ansible_host": name,
-                            "ansible_python_interpreter": "/usr/bin/python3",
-                            **(host_vars or {}).get(name, {}),
-                        }
-                        for name in hosts
-                    }
-                }
+    def entries(names: Sequence[str]) -> dict[str, dict[str, object]]:
+        return {
+            name: {
+                "ansible_connection": "community.docker.docker",
+                "ansible_host": name,
+                "ansible_python_interpreter": "/usr/bin/python3",
+                **(host_vars or {}).get(name, {}),
             }
+            for name in names
         }
-    }
-    for extra_group, members in (extra_groups or {}).items():
-        inventory["all"]["children"][extra_group] = {"hosts": {
-            name: {"ansible_connection": "community.docker.docker", "ansible_host": name,
-                   "ansible_python_interpreter": "/usr/bin/python3", **(host_vars or {}).get(name, {})}
-            for name in members
-        }}
+
+    groups = {group: hosts, **(extra_groups or {})}
+    inventory: dict[str, Any] = {"all": {"children": {name: {"hosts": entries(members)} for name, members in groups.items()}}}
     path = directory / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path
@@ -194,19 +183,3 @@ def commit(host: TestHost, tag: str) -> str:
     subprocess.run(["docker", "commit", "--change", 'CMD ["/sbin/init"]', host.name, tag],
                    check=True, capture_output=True, timeout=1800)
     return tag
-
-
-@contextmanager
-def pool(image: str, count: int = 1, prefix: str = "vllm-test") -> Iterator[HostPool]:
-    with HostPool(image=image, count=count, prefix=prefix) as hosts:
-        yield hosts
-
-
-def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it is truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
