@@ -13,13 +13,14 @@ output without an error; warnings are worth a look but do not block.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar, Union
+
+from ansible.module_utils.vllm_files import sha256_file
 
 ALLOWED_MAX_LORA_RANKS: Tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
 """``LoRAConfig.__post_init__`` in vllm/config/lora.py (0.11.0)."""
@@ -47,7 +48,6 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILES: Tuple[str, ...] = ("adapter_model.bin", "adapter_model.pt")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-_CHUNK = 8 * 1024 * 1024
 _SHOWN = 120  # characters of a value quoted in a message
 
 _QUANT_SUFFIX = re.compile(
@@ -211,14 +211,6 @@ def read_safetensors_header(path: str) -> Dict[str, List[int]]:
         raise AdapterCheckError(f"tensor data ends at byte {8 + length + data_end} but the file has "
                                 f"{size} bytes (truncated or corrupt copy)")
     return shapes
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_tensor_name(name: str) -> Tuple[str, Optional[str]]:
