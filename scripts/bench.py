@@ -6,8 +6,9 @@ and noisy, so each benchmark compares ratios measured within one run).
                              with multi-GB placeholder weights (target ratio <= 1.2:
                              nothing is re-hashed or re-copied)
   scripts/bench.py rolling   per host, the time out of service during a rolling
-                             restart vs. vLLM's own start-up time from its journal
-                             (target ratio <= 1.15)
+  [--hosts N] [--balancer]   restart vs. vLLM's own start-up time from its journal
+                             (target ratio <= 1.15); --balancer puts the hosts
+                             behind an HAProxy test host
 
 Needs what the e2e tests need (root, dockerd, scripts/setup.sh --vllm); run it
 with the controller venv's python from the repository root.
@@ -21,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from tests.e2e.conftest import declaration_vars, write_vars  # noqa: E402
 from tests.fixtures import tinyqwen  # noqa: E402
 from tests.harness.ansible import run_playbook  # noqa: E402
+from tests.harness.balancer import haproxy  # noqa: E402
 from tests.harness.hosts import HostPool, write_inventory  # noqa: E402
 from tests.harness.software import LOCAL_GROUP_VARS, ensure_software_image  # noqa: E402
 
@@ -38,9 +41,9 @@ def software_image(workdir: Path, fx: tinyqwen.Fixtures) -> str:
     return ensure_software_image(workdir, write_vars(workdir / "sw.json", declaration_vars(fx)))
 
 
-def timed(playbook: str, inventory: Path, vars_file: Path, *args: str) -> float:
+def timed(playbook: str, inventory: Path, vars_file: Path, *args: str, log: Path | None = None) -> float:
     start = time.monotonic()
-    result = run_playbook(playbook, inventory, extra_args=args, extra_vars_files=[vars_file])
+    result = run_playbook(playbook, inventory, extra_args=args, extra_vars_files=[vars_file], log=log)
     if result.rc != 0:
         raise SystemExit(result.tail(60))
     return time.monotonic() - start
@@ -68,32 +71,50 @@ def bench_noop(workdir: Path, fx: tinyqwen.Fixtures, gib: float, repeats: int) -
         print(f"ratio no-op(large)/no-op(tiny) = {large / tiny:.2f}  (target <= 1.2)")
 
 
-def journal_startup_seconds(host, since: str) -> float:  # type: ignore[no-untyped-def]
-    """vLLM's own start-up: systemd starting the unit -> 'Application startup complete.'"""
+def journal_seconds(host, since: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """From vLLM's journal: (stop of the old process, start-up of the new one).
+
+    Start-up is vLLM's own: systemd starting the unit -> 'Application startup complete.'
+    """
     out = host.sh(f"journalctl -u vllm --since '{since}' -o short-iso-precise --no-pager").stdout
-    started = [line for line in out.splitlines() if "Started vllm.service" in line]
-    ready = [line for line in out.splitlines() if "Application startup complete" in line]
-    if not started or not ready:
-        raise SystemExit(f"{host.name}: start/ready lines not found in the journal")
-    parse = lambda line: datetime.fromisoformat(line.split()[0])  # noqa: E731
-    return (parse(ready[-1]) - parse(started[-1])).total_seconds()
+    lines = out.splitlines()
+
+    def last(text: str) -> datetime:
+        found = [line for line in lines if text in line]
+        if not found:
+            raise SystemExit(f"{host.name}: no journal line with {text!r} since {since}")
+        return datetime.fromisoformat(found[-1].split()[0])
+
+    stop = (last("Stopped vllm.service") - last("Stopping vllm.service")).total_seconds()
+    startup = (last("Application startup complete") - last("Started vllm.service")).total_seconds()
+    return stop, startup
 
 
-def bench_rolling(workdir: Path, fx: tinyqwen.Fixtures, hosts: int) -> None:
-    with HostPool(image=software_image(workdir, fx), count=hosts, prefix="bench-roll") as pool:
-        inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS)
+def bench_rolling(workdir: Path, fx: tinyqwen.Fixtures, hosts: int, with_balancer: bool, log: Path | None) -> None:
+    with HostPool(image=software_image(workdir, fx), count=hosts, prefix="bench-roll") as pool, \
+            (haproxy(pool.hosts, prefix="bench-lb") if with_balancer else nullcontext()) as lb:
+        extra_groups = {"balancers": [lb.name]} if lb else None
+        host_vars = {h.name: {"vllm_listen_host": "0.0.0.0", "vllm_balancer_host": lb.name,
+                                 "vllm_api_key": "bench-rolling-key"} for h in pool.hosts} \
+            if lb else None
+        inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS,
+                                    host_vars=host_vars, extra_groups=extra_groups)
         vars_file = write_vars(workdir / "vars.json", {**declaration_vars(fx), "vllm_report_dir": str(workdir)})
         timed("site.yml", inventory, vars_file)
         since = pool.hosts[0].sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
-        timed("rolling_restart.yml", inventory, vars_file)
+        timed("rolling_restart.yml", inventory, vars_file, log=log)
         report = json.loads((workdir / "rolling_restart-latest.json").read_text())
-        print(f"{'host':<28} {'out of service s':>17} {'vLLM start-up s':>16} {'ratio':>6}")
+        print(f"rolling restart, {hosts} host(s), {'behind HAProxy' if lb else 'no balancer'}:")
+        print(f"{'host':<26} {'out of service s':>16} {'vLLM start-up s':>15} {'ratio':>6} "
+              f"{'overhead s':>10} {'old vLLM stop s':>15}")
         for host in pool.hosts:
             # The rolling play records the roll per host; the report carries the deployment.
             out_of_service = float(report[host.name]["roll"]["out_of_service_seconds"])
-            startup = journal_startup_seconds(host, since)
-            print(f"{host.name:<28} {out_of_service:>17.1f} {startup:>16.1f} {out_of_service / startup:>6.2f}")
-        print("target: ratio <= 1.15")
+            stop, startup = journal_seconds(host, since)
+            print(f"{host.name:<26} {out_of_service:>16.1f} {startup:>15.1f} {out_of_service / startup:>6.2f} "
+                  f"{out_of_service - startup:>10.1f} {stop:>15.1f}")
+        print("target: ratio <= 1.15. Out of service: behind a balancer, drain -> put back (after the adapter")
+        print("proof); without one, the restart -> /health 200. Overhead = out of service - vLLM's start-up.")
 
 
 def main(argv: list[str]) -> int:
@@ -102,6 +123,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gib", type=float, default=3.0, help="placeholder weights for noop")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hosts", type=int, default=1)
+    parser.add_argument("--balancer", action="store_true", help="rolling: the hosts behind an HAProxy test host")
+    parser.add_argument("--log", type=Path, help="append the rolling play's output (task timings) here")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     try:
@@ -109,7 +132,7 @@ def main(argv: list[str]) -> int:
         if args.which == "noop":
             bench_noop(workdir, fx, args.gib, args.repeats)
         else:
-            bench_rolling(workdir, fx, args.hosts)
+            bench_rolling(workdir, fx, args.hosts, args.balancer, args.log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
