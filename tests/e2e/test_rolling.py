@@ -15,36 +15,10 @@ import pytest
 
 from tests.e2e.conftest import LOCAL_GROUP_VARS, Deployment
 from tests.fixtures import tinyqwen
-from tests.harness import image
+from tests.harness.balancer import haproxy, url
 from tests.harness.hosts import HostPool, TestHost, write_inventory
 
 API_KEY = "rolling-test-key-5b8e"
-HAPROXY_CFG = """global
-    stats socket /run/haproxy/admin.sock mode 660 level admin
-    maxconn 256
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    retries 3
-    option redispatch
-frontend api
-    bind *:80
-    default_backend vllm
-backend vllm
-    balance roundrobin
-    option httpchk GET /health
-    http-check expect status 200
-{servers}
-"""
-
-
-def ip_of(host: TestHost) -> str:
-    host.container.reload()
-    return str(host.container.attrs["NetworkSettings"]["IPAddress"])
-
-
 class Load:
     """Chat requests through HAProxy, one after another, until stopped (bounded)."""
 
@@ -84,13 +58,7 @@ class Load:
 def fleet(software_image: str, fixtures: tinyqwen.Fixtures,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, TestHost]]:
     with HostPool(image=software_image, count=3, prefix="vllm-roll") as pool, \
-            HostPool(image=image.build_base(), count=1, prefix="vllm-lb") as lb_pool:
-        lb = lb_pool.hosts[0]
-        lb.sh("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy socat >/dev/null",
-              timeout=600)
-        servers = "\n".join(f"    server {h.name} {ip_of(h)}:8000 check inter 1s fall 2 rise 2" for h in pool.hosts)
-        lb.sh(f"cat > /etc/haproxy/haproxy.cfg <<'CFG'\n{HAPROXY_CFG.format(servers=servers)}CFG\n"
-              "haproxy -c -f /etc/haproxy/haproxy.cfg && systemctl restart haproxy")
+            haproxy(pool.hosts, prefix="vllm-lb") as lb:
         workdir = tmp_path_factory.mktemp("rolling")
         common = {"vllm_listen_host": "0.0.0.0", "vllm_api_key": API_KEY, "vllm_balancer_host": lb.name}
         host_vars = {h.name: dict(common) for h in pool.hosts}
@@ -108,15 +76,11 @@ def current_release(host: TestHost) -> str:
     return Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
 
 
-def lb_url(lb: TestHost) -> str:
-    return f"http://{ip_of(lb)}"
-
-
 def test_rolling_restart_serves_every_request(fleet: tuple[Deployment, TestHost]) -> None:
     deployment, lb = fleet
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     assert len(set(before.values())) == 1
-    with Load(lb_url(lb)) as load:
+    with Load(url(lb)) as load:
         time.sleep(3)
         # A changed engine setting makes a new release on every host.
         result = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3)
@@ -138,7 +102,7 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     h1, h2, h3 = deployment.pool.hosts
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     unit3 = h3.sh("cat /etc/systemd/system/vllm.service").stdout
-    with Load(lb_url(lb)) as load:
+    with Load(url(lb)) as load:
         result = deployment.play("-e", '{"rolling_test_bad_args": ["--kv-cache-dtype", "no-such-dtype"]}',
                                  playbook="rolling_restart.yml", vllm_max_loras=4)
     assert result.rc != 0
@@ -154,6 +118,14 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     for host in (h1, h2, h3):
         assert host.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health").stdout == "200"
     assert set(load.outcomes) == {"200"}, (load.outcomes, load.errors[:5])
+    # A failed roll still leaves its report: host 2's failure, host 3 not reached.
+    report = deployment.report("rolling_restart")
+    failed = report[h2.name]["roll"]
+    assert failed["rolled_back"] is True and failed["old_release"] == before[h2.name], failed
+    assert failed["failed_task"] and failed["failed"] and failed["new_release"] != before[h2.name], failed
+    assert report[h2.name]["release"] == before[h2.name] and report[h2.name]["verified"] is True
+    assert report[h1.name]["release"] == current_release(h1) and report[h1.name]["verified"] is True
+    assert report[h3.name] == {"verified": False, "reached": False}
 
 
 def test_rollback_playbook_returns_every_host_to_its_previous_release(fleet: tuple[Deployment, TestHost]) -> None:
@@ -191,7 +163,7 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
               for h in deployment.pool.hosts}
     releases = {h.name: current_release(h) for h in deployment.pool.hosts}
     lock = deployment.workdir / "maint.lock"
-    with Load(lb_url(lb)) as load:
+    with Load(url(lb)) as load:
         result = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
                                  vllm_maintenance_window={"start": "00:00", "end": "00:00"},
                                  vllm_maintenance_force=True)

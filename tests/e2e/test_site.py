@@ -150,3 +150,43 @@ def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> N
     assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
     models = json.loads(host.sh("curl -s http://127.0.0.1:8000/v1/models").stdout)
     assert sorted(card["id"] for card in models["data"]) == ["alpha", "beta", "tiny-qwen2"]
+
+
+# Last in this module: it leaves the host on other releases.
+def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    """The Beelink case: one host, no HAProxy. The roll prepares the release while the old
+    process serves, restarts once, verifies; maintenance restarts what runs."""
+    host = deployment.pool.hosts[0]
+    release_before = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
+    journal_mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    rolled = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3)
+    assert rolled.rc == 0, rolled.tail(150)
+    release_after = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
+    assert release_after != release_before
+    assert "--max-loras 3" in host.sh("grep ExecStart= /etc/systemd/system/vllm.service").stdout
+    starts = host.sh(f"journalctl -u vllm --since '{journal_mark}' -o cat | grep -c '^Started vllm.service' || true")
+    assert int(starts.stdout.strip() or 0) == 1, "the roll must restart the service exactly once"
+    roll = deployment.report("rolling_restart")[host.name]["roll"]
+    assert roll["old_release"] == release_before and roll["new_release"] == release_after  # type: ignore[index]
+    assert roll["restarted"] is True and roll["verified"] is True  # type: ignore[index]
+    # Without a balancer the host is out of service from the restart to /health 200:
+    # a positive time, shorter than the whole play.
+    assert 0 < float(roll["out_of_service_seconds"]) < float(roll["ready_seconds"]) + 30  # type: ignore[index]
+
+    # Nothing changed and no forced restart: the roll verifies, restarts nothing, changes nothing.
+    marker = service_start_marker(host)
+    quiet = deployment.play(playbook="rolling_restart.yml", vllm_rolling_force_restart=False, vllm_max_loras=3)
+    assert quiet.rc == 0, quiet.tail(120)
+    assert quiet.changed() == 0, quiet.tail(120)
+    assert service_start_marker(host) == marker
+    assert deployment.report("rolling_restart")[host.name]["roll"]["restarted"] is False  # type: ignore[index]
+
+    lock = deployment.workdir / "maintenance.lock"
+    maintained = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
+                                 vllm_maintenance_force=True)
+    assert maintained.rc == 0, maintained.tail(120)
+    assert service_start_marker(host) != marker
+    report = json.loads((deployment.workdir / "reports" / "maintenance-latest.json").read_text())
+    restart = report["hosts"][host.name]
+    assert restart["old_release"] == restart["new_release"] == release_after and restart["verified"] is True
+    assert not lock.exists()

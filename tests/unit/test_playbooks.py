@@ -43,3 +43,38 @@ def test_nothing_prompts(path: Path) -> None:
     text = path.read_text()
     assert "vars_prompt" not in text
     assert not re.search(r"ansible\.builtin\.pause:\s*\n\s+prompt", text)
+
+
+def _includes(tasks: list[dict]) -> list[str]:
+    """Role includes in order, e.g. 'vllm', 'vllm:restart', 'vllm_balancer:drain' (blocks flattened)."""
+    found: list[str] = []
+    for task in tasks:
+        include = task.get("ansible.builtin.include_role")
+        if include:
+            found.append(include["name"] + (f":{include['tasks_from']}" if "tasks_from" in include else ""))
+        found += _includes(task.get("block", []))
+    return found
+
+
+def _play_tasks(playbook: str, play_name: str) -> list[dict]:
+    import yaml
+
+    plays = yaml.safe_load((REPO / "playbooks" / playbook).read_text())
+    play = next(p for p in plays if p.get("name") == play_name)
+    return play["tasks"][-1]["block"]  # the per-host block (its rescue is tested end to end)
+
+
+def test_a_roll_prepares_the_release_before_it_drains_and_restarts_only_drained() -> None:
+    order = _includes(_play_tasks("rolling_restart.yml", "Rolling restart of vLLM hosts"))
+    # The deploy (deferred restart) runs while the host serves; the restart sits between drain and ready.
+    assert order.index("vllm") < order.index("vllm:current") < order.index("vllm_balancer:drain") \
+        < order.index("vllm:restart") < order.index("vllm_balancer:ready") < order.index("vllm:prune")
+    block = _play_tasks("rolling_restart.yml", "Rolling restart of vLLM hosts")
+    prepare = next(t for t in block if t.get("ansible.builtin.include_role", {}).get("name") == "vllm"
+                   and "tasks_from" not in t["ansible.builtin.include_role"])
+    assert prepare["vars"] == {"vllm_restart_deferred": True}
+
+
+def test_maintenance_reads_the_release_before_it_drains() -> None:
+    order = _includes(_play_tasks("maintenance.yml", "Restart each host's current release, one batch at a time"))
+    assert order == ["vllm:current", "vllm_balancer:drain", "vllm:restart", "vllm_balancer:ready"]

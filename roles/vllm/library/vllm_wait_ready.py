@@ -30,9 +30,15 @@ options:
     type: int
     default: 900
   restarts_baseline:
-    description: The unit's NRestarts before the wait began; a higher count means it crashed meanwhile.
+    description:
+      - The unit's NRestarts before the wait began; a higher count means it crashed meanwhile.
+      - 0 after a start or restart by hand or by Ansible, which resets systemd's count (seen on systemd 252).
     type: int
     default: 0
+  poll:
+    description: Seconds between two looks at /health and the unit; every second of it can add to a host's time out of service.
+    type: float
+    default: 0.25
 author: vllm-lora-ansible
 """
 
@@ -112,6 +118,7 @@ def main() -> None:
             "slice": {"type": "int", "default": 15},
             "bound": {"type": "int", "default": 900},
             "restarts_baseline": {"type": "int", "default": 0},
+            "poll": {"type": "float", "default": 0.25},
         },
         supports_check_mode=True,
     )
@@ -135,7 +142,7 @@ def main() -> None:
             )
         if time.monotonic() >= deadline:
             break
-        time.sleep(2)
+        time.sleep(module.params["poll"])
     final = elapsed >= bound
     module.exit_json(
         changed=False, ready=False, crashed=False, elapsed=elapsed,
