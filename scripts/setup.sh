@@ -42,7 +42,9 @@ fi
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
   mkdir -p "$cache/logs"
-  (setsid dockerd >"$cache/logs/dockerd.log" 2>&1 &)
+  # 9>&-: dockerd must not inherit the setup lock, or it holds it for ever and
+  # every later setup.sh (demo.sh, test.sh) waits on it.
+  (setsid dockerd >"$cache/logs/dockerd.log" 2>&1 9>&- &)
   for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && break
     sleep 1
