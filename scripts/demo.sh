@@ -24,11 +24,15 @@ python -m tests.fixtures.tinyqwen build/fixtures >/dev/null
 python - <<'PY'
 import docker
 from tests.harness import image
-from tests.harness.hosts import start_host, wheelhouse_mount
+from tests.harness.hosts import TestHost, start_host, wheelhouse_mount
 client = docker.from_env()
 try:
-    client.containers.get("vllm-demo")
-    print("[demo] container vllm-demo already running")
+    container = client.containers.get("vllm-demo")
+    if container.status == "running":
+        print("[demo] container vllm-demo already running")
+    else:  # stopped with the Docker engine (a reboot): boot it again, the deploy converges it
+        container.start()
+        print(f"[demo] container vllm-demo started again: systemd {TestHost('vllm-demo', container).system_state()}")
 except docker.errors.NotFound:
     host = start_host(client, "vllm-demo", image.base_tag(), "demo", wheelhouse_mount(), test_host=False)
     print(f"[demo] container vllm-demo: systemd {host.system_state()}")
