@@ -9,9 +9,14 @@ and noisy, so each benchmark compares ratios measured within one run).
   [--hosts N] [--balancer]   restart vs. vLLM's own start-up time from its journal
                              (target ratio <= 1.15); --balancer puts the hosts
                              behind an HAProxy test host
+  scripts/bench.py preflight the adapter check (vllm_adapter_check's check_all) on a
+  [--repeats N]              rank-16 all-modules adapter the size of a Qwen2.5-7B one,
+                             BF16 and F32: header only vs. with the tensor values
+                             (target: under 2 s with the values)
 
-Needs what the e2e tests need (root, dockerd, scripts/setup.sh --vllm); run it
-with the controller venv's python from the repository root.
+noop and rolling need what the e2e tests need (root, dockerd, scripts/setup.sh
+--vllm); preflight only numpy and safetensors. Run it with the controller venv's
+python from the repository root.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from tests.harness.ansible import run_playbook  # noqa: E402
 from tests.harness.balancer import haproxy  # noqa: E402
 from tests.harness.hosts import HostPool, write_inventory  # noqa: E402
 from tests.harness.software import LOCAL_GROUP_VARS, ensure_software_image  # noqa: E402
+from tests.unit.loader import load  # noqa: E402
+
+QWEN25_7B = tinyqwen.ModelShape(hidden=3584, intermediate=18944, heads=28, kv_heads=4, layers=28)
+"""Qwen2.5-7B's linear layers: q/o 3584 x 3584, k/v 3584 -> 512 (4 KV heads x 128), MLP 18944."""
 
 
 def software_image(workdir: Path, fx: tinyqwen.Fixtures) -> str:
@@ -117,9 +126,50 @@ def bench_rolling(workdir: Path, fx: tinyqwen.Fixtures, hosts: int, with_balance
         print("proof); without one, the restart -> /health 200. Overhead = out of service - vLLM's start-up.")
 
 
+def best_of(repeats: int, run) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_preflight(workdir: Path, repeats: int) -> None:
+    load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")
+    adapters = load("roles/vllm/module_utils/vllm_adapters.py", "ansible.module_utils.vllm_adapters")
+    model = workdir / "qwen2.5-7b"
+    model.mkdir()
+    ids = {token: index for index, token in enumerate(tinyqwen.SPECIAL_TOKENS)}
+    (model / "config.json").write_text(json.dumps(tinyqwen.model_config(QWEN25_7B, token_ids=ids)))
+    modules = tinyqwen.ATTN_MODULES + tinyqwen.MLP_MODULES
+    print(f"adapter check, rank 16, {', '.join(modules)}, {QWEN25_7B.layers} layers; best of {repeats}")
+    print(f"{'dtype':<6} {'tensors':>7} {'params':>11} {'MB':>6} {'header s':>9} {'full s':>7} "
+          f"{'full/header':>11} {'MB/s':>6}")
+    for dtype in ("bfloat16", "float32"):
+        path = tinyqwen.make_adapter(workdir / f"adapter-{dtype}", seed=1, rank=16, target_modules=modules,
+                                     shape=QWEN25_7B, dtype=dtype, base_model_name_or_path="Qwen/Qwen2.5-7B")
+        declared = [{"name": "big", "path": str(path)}]
+
+        def check(values: bool) -> None:
+            result = adapters.check_all(declared, str(model), max_lora_rank=16, check_values=values)
+            if result["errors"]:
+                raise SystemExit("\n".join(result["errors"]))
+
+        header = best_of(repeats, lambda: check(False))
+        full = best_of(repeats, lambda: check(True))
+        entries = adapters.read_safetensors_index(str(path / "adapter_model.safetensors"))
+        params = sum(e.end - e.start for e in entries.values()) // (2 if dtype == "bfloat16" else 4)
+        mbytes = (path / "adapter_model.safetensors").stat().st_size / 1e6
+        print(f"{'BF16' if dtype == 'bfloat16' else 'F32':<6} {len(entries):>7} {params:>11,} {mbytes:>6.0f} {header:>9.4f} {full:>7.3f} "
+              f"{full / header:>11.0f} {mbytes / full:>6.0f}")
+    print("target: full < 2 s. header: adapter_config.json + the safetensors header; full: also every lora_A/")
+    print(f"lora_B value (NaN/Inf, all-zero lora_B), read {adapters.DATA_CHUNK_BYTES >> 20} MiB at a time.")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["noop", "rolling"])
+    parser.add_argument("which", choices=["noop", "rolling", "preflight"])
     parser.add_argument("--gib", type=float, default=3.0, help="placeholder weights for noop")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hosts", type=int, default=1)
@@ -128,6 +178,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     try:
+        if args.which == "preflight":
+            bench_preflight(workdir, args.repeats)
+            return 0
         fx = tinyqwen.make_all(workdir / "fixtures")
         if args.which == "noop":
             bench_noop(workdir, fx, args.gib, args.repeats)

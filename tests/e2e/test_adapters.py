@@ -25,6 +25,10 @@ BROKEN = {
     "no_rank": "Missing required configuration fields",
     "bias_all": "bias",
     "unknown_target": "c_attn",
+    "pickle_only": "convert it to safetensors",
+    "nan_weights": "3 NaN of 512 values",
+    "inf_weights": "1 Inf of 512 values",
+    "zero_b": "lora_B values = all zero",
 }
 
 

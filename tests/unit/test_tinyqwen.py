@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -255,12 +256,18 @@ def adapter_problems(path: Path, base_model_name: str = tq.BASE_MODEL_NAME) -> s
         problems.add("unknown_target")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
-        problems.add("no_weights")
-    elif "r" in config and not targets - set(tq.BASE_SHAPE.module_dims()):
+        problems.add("pickle" if (path / "adapter_model.bin").is_file() else "no_weights")
+        return problems
+    if "r" in config and not targets - set(tq.BASE_SHAPE.module_dims()):
         header = tq.safetensors_header(weights)
         expected = lora_shapes(config)
         if any(header.get(k, {}).get("shape") != v for k, v in expected.items()):
             problems.add("shape")
+    tensors = {k: v for k, v in tq.load_safetensors(weights).items() if ".lora_" in k}
+    if not all(np.isfinite(t).all() for t in tensors.values()):
+        problems.add("non_finite")
+    if not any(np.any(t != 0) for k, t in tensors.items() if ".lora_B." in k):
+        problems.add("zero_b")
     return problems
 
 
@@ -269,6 +276,7 @@ BROKEN_DEFECTS = {
     "embed_tokens": {"embedding"}, "other_base": {"shape", "base_name"},
     "foreign_base_name": {"base_name"}, "no_weights": {"no_weights"}, "no_rank": {"missing_r"},
     "bias_all": {"bias"}, "unknown_target": {"unknown_target"},
+    "pickle_only": {"pickle"}, "nan_weights": {"non_finite"}, "inf_weights": {"non_finite"}, "zero_b": {"zero_b"},
 }
 
 
@@ -300,6 +308,19 @@ def test_broken_details(fx: tq.Fixtures) -> None:
     assert other["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[1] == 128
     embed = tq.safetensors_header(fx.broken["embed_tokens"].path / "adapter_model.safetensors")
     assert "base_model.model.model.embed_tokens.lora_embedding_A" in embed
+    raw = (fx.broken["pickle_only"].path / "adapter_model.bin").read_bytes()
+    assert not raw.startswith(b"PK")  # not a zip, so not a torch archive
+    assert set(pickle.loads(raw)) == set(lora_shapes(read_json(fx.broken["pickle_only"].path / "adapter_config.json")))
+    nan = tq.load_safetensors(fx.broken["nan_weights"].path / "adapter_model.safetensors")
+    assert {k: int(np.isnan(v).sum()) for k, v in nan.items() if np.isnan(v).any()} == {
+        tq.lora_key(0, "q_proj", "lora_B"): 3}
+    inf = tq.load_safetensors(fx.broken["inf_weights"].path / "adapter_model.safetensors")
+    assert {k: int(np.isposinf(v).sum()) for k, v in inf.items() if not np.isfinite(v).all()} == {
+        tq.lora_key(1, "v_proj", "lora_A"): 1}
+    zero = tq.load_safetensors(fx.broken["zero_b"].path / "adapter_model.safetensors")
+    lora_b = [v for k, v in zero.items() if ".lora_B." in k]
+    assert len(lora_b) == 4 and all((v == 0).all() for v in lora_b)
+    assert any(np.signbit(v).any() for v in lora_b), "some -0.0, which is zero too"
 
 
 # --- files ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -103,8 +104,9 @@ def variant(root: Path, name: str, *, config: Optional[dict[str, Any]] = None,
 
 
 def lora_pair(layer: int, module: str, rank: int, fan_in: int, fan_out: int) -> dict[str, NDArray[np.float32]]:
+    """Shapes that matter, values that do not (lora_B not zero: an all-zero one is refused)."""
     return {tq.lora_key(layer, module, "lora_A"): np.zeros((rank, fan_in), np.float32),
-            tq.lora_key(layer, module, "lora_B"): np.zeros((fan_out, rank), np.float32)}
+            tq.lora_key(layer, module, "lora_B"): np.full((fan_out, rank), 0.01, np.float32)}
 
 
 # --- the fixtures -----------------------------------------------------------
@@ -147,6 +149,16 @@ BROKEN: dict[str, tuple[int, tuple[str, ...]]] = {
     "unknown_target": (1, ('adapter_config.json target_modules = ["c_attn"]: ',
                            "c_attn: the base model has no LoRA support for this module",
                            "Fix: retrain targeting only q_proj")),
+    "pickle_only": (1, ("adapter_model.bin = (present, no safetensors): a pickle",
+                        "torch.load(weights_only=True)", "Fix: convert it to safetensors: python -c ",
+                        "torch.load('adapter_model.bin', weights_only=True)",
+                        "set allow_pickle: true on this adapter in vllm_lora_adapters")),
+    "nan_weights": (1, (f"adapter_model.safetensors {tq.lora_key(0, 'q_proj', 'lora_B')} = 3 NaN of 512 values: ",
+                        "serves garbage", "Fix: retrain or re-export the adapter; the file is corrupt")),
+    "inf_weights": (1, (f"adapter_model.safetensors {tq.lora_key(1, 'v_proj', 'lora_A')} = 1 Inf of 512 values: ",
+                        "Fix: retrain or re-export the adapter")),
+    "zero_b": (1, ("adapter_model.safetensors lora_B values = all zero (4 tensors, e.g. ",
+                   "an untrained adapter", "it changes nothing", "Fix: train the adapter")),
 }
 
 
@@ -455,19 +467,62 @@ def test_supported_modules_by_parameter_and_unknown_architecture(tiny: tq.Fixtur
 
 
 # --- weights ------------------------------------------------------------------
-def test_pickled_weights_are_present_but_not_checkable(tiny: tq.Fixtures, tmp_path: Path) -> None:
-    path = variant(tmp_path, "pickled", tensors={})
+def pickled_variant(root: Path, name: str, suffix: str = "bin", **adapter: Any) -> Path:
+    """An adapter whose only weights are a pickle (not a torch archive: what vLLM refuses)."""
+    path = variant(root, name, **adapter)
+    tensors = tq.load_safetensors(path / "adapter_model.safetensors")
     (path / "adapter_model.safetensors").unlink()
-    (path / "adapter_model.bin").write_bytes(b"not really a pickle")
+    (path / f"adapter_model.{suffix}").write_bytes(pickle.dumps({k: v.tolist() for k, v in tensors.items()}))
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["bin", "pt"])
+def test_pickled_weights_alone_are_refused_naming_the_file_and_both_fixes(
+        tiny: tq.Fixtures, tmp_path: Path, suffix: str) -> None:
+    path = pickled_variant(tmp_path, "pickled", suffix)
     result = one(tiny, "pickled", path)
+    assert result["adapters"][0]["weights"] == suffix
+    assert result["warnings"] == []
+    assert_well_formed("pickled", result["errors"])
+    assert result["errors"] == [
+        f"adapter 'pickled': adapter_model.{suffix} = (present, no safetensors): a pickle: its tensors cannot be "
+        "checked without unpickling it, and vLLM 0.11.0 reads it with torch.load(weights_only=True), so a file "
+        "that is not a torch archive stops start-up. Fix: convert it to safetensors: python -c \"import torch; "
+        "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
+        f"torch.load('adapter_model.{suffix}', weights_only=True).items()}}, 'adapter_model.safetensors')\" "
+        "in the adapter directory (or PEFT's save_pretrained(..., safe_serialization=True)); or, only if you "
+        "trust the file, set allow_pickle: true on this adapter in vllm_lora_adapters."]
+
+
+def test_pickled_weights_with_allow_pickle_pass_with_a_warning(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    path = pickled_variant(tmp_path, "pickled")
+    result = check(tiny, [{"name": "pickled", "path": str(path), "allow_pickle": True}])
     assert result["errors"] == []
-    assert result["adapters"][0]["weights"] == "bin"
     assert len(result["warnings"]) == 1
-    assert result["warnings"][0].startswith("adapter 'pickled': adapter_model.bin = (present): weights "
-                                            "present but their shapes are not checkable")
-    unknown = variant(tmp_path, "pickled_c_attn", tensors={}, config={"target_modules": ["c_attn"]})
-    (unknown / "adapter_model.safetensors").rename(unknown / "adapter_model.pt")
-    assert "c_attn: the base model has no LoRA support" in one(tiny, "p", unknown)["errors"][0]
+    assert_well_formed("pickled", result["warnings"])
+    assert result["warnings"][0].startswith(
+        "adapter 'pickled': adapter_model.bin = (present, no safetensors, allow_pickle true): accepted without "
+        "checking its tensors")
+    assert "NaN/Inf and all-zero lora_B are not checked" in result["warnings"][0]
+    # allow_pickle does not waive what the config shows
+    unknown = pickled_variant(tmp_path, "pickled_c_attn", "pt", config={"target_modules": ["c_attn"]})
+    errors = check(tiny, [{"name": "p", "path": str(unknown), "allow_pickle": True}])["errors"]
+    assert len(errors) == 1 and "c_attn: the base model has no LoRA support" in errors[0]
+
+
+def test_safetensors_beside_a_pickle_is_what_is_checked(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    """vLLM loads adapter_model.safetensors when both are there: the .bin is irrelevant."""
+    path = tmp_path / "both"
+    shutil.copytree(tiny.adapters["alpha"], path)
+    (path / "adapter_model.bin").write_bytes(b"not a torch archive")
+    result = one(tiny, "both", path)
+    assert result["errors"] == [] and result["warnings"] == []
+    assert result["adapters"][0]["weights"] == "safetensors"
+    broken = tmp_path / "both_nan"
+    shutil.copytree(tiny.broken["nan_weights"].path, broken)
+    (broken / "adapter_model.bin").write_bytes(b"not a torch archive")
+    errors = one(tiny, "both_nan", broken, )["errors"]
+    assert len(errors) == 1 and "3 NaN of 512 values" in errors[0]
 
 
 def test_truncated_or_corrupt_safetensors(tiny: tq.Fixtures, tmp_path: Path) -> None:
@@ -486,37 +541,57 @@ def test_truncated_or_corrupt_safetensors(tiny: tq.Fixtures, tmp_path: Path) -> 
     assert "shorter than the 8-byte header length" in one(tiny, "cut", path)["errors"][0]
 
 
-def test_only_the_safetensors_header_is_read(tiny: tq.Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
-    read: dict[str, int] = {}
-    real_open = builtins.open
+class CountingReads:
+    """Wraps open() in vllm_adapters: the size of every read, per file name."""
 
-    class Counting:
-        def __init__(self, handle: Any, name: str) -> None:
-            self.handle, self.name = handle, name
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: dict[str, list[int]] = {}
+        real_open, reads = builtins.open, self
 
-        def read(self, *args: Any) -> Any:
-            data = self.handle.read(*args)
-            read[self.name] = read.get(self.name, 0) + len(data)
-            return data
+        class Counting:
+            def __init__(self, handle: Any, name: str) -> None:
+                self.handle, self.name = handle, name
 
-        def __enter__(self) -> "Counting":
-            return self
+            def read(self, *args: Any) -> Any:
+                data = self.handle.read(*args)
+                reads.sizes.setdefault(self.name, []).append(len(data))
+                return data
 
-        def __exit__(self, *exc: Any) -> None:
-            self.handle.close()
+            def __enter__(self) -> "Counting":
+                return self
 
-        def __getattr__(self, attr: str) -> Any:
-            return getattr(self.handle, attr)
+            def __exit__(self, *exc: Any) -> None:
+                self.handle.close()
 
-    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
-        return Counting(real_open(file, *args, **kwargs), os.path.basename(str(file)))
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(self.handle, attr)
 
-    monkeypatch.setattr(va, "open", counting_open, raising=False)
+        def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+            return Counting(real_open(file, *args, **kwargs), os.path.basename(str(file)))
+
+        monkeypatch.setattr(va, "open", counting_open, raising=False)
+
+
+def test_header_only_reads_only_the_header(tiny: tq.Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = CountingReads(monkeypatch)
     path = tiny.adapters["beta"]
-    assert one(tiny, "beta", path)["errors"] == []
+    assert one(tiny, "beta", path, check_values=False)["errors"] == []
     header = 8 + int.from_bytes((path / "adapter_model.safetensors").read_bytes()[:8], "little")
-    assert read["adapter_model.safetensors"] == header
+    assert sum(reads.sizes["adapter_model.safetensors"]) == header
     assert header < (path / "adapter_model.safetensors").stat().st_size / 4
+
+
+def test_values_are_read_once_in_chunks_no_larger_than_asked(
+        tiny: tq.Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = CountingReads(monkeypatch)
+    path = tiny.adapters["beta"]
+    assert one(tiny, "beta", path, chunk_bytes=1000)["errors"] == []
+    weights = path / "adapter_model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    sizes = reads.sizes["adapter_model.safetensors"]
+    assert sizes[:2] == [8, header - 8]
+    assert sum(sizes[2:]) == weights.stat().st_size - header  # every tensor is a LoRA one, read once
+    assert max(sizes[2:]) == 1000 - 1000 % 4 and all(n % 4 == 0 for n in sizes[2:])  # whole F32 elements
 
 
 def test_tensor_level_defects(tiny: tq.Fixtures, tmp_path: Path) -> None:
@@ -526,7 +601,7 @@ def test_tensor_level_defects(tiny: tq.Fixtures, tmp_path: Path) -> None:
                       "adapter_model.safetensors q_proj lora_B = 1 module, e.g. model.layers.0.self_attn.q_proj: "
                       "lora_B missing"),
         "rank_differs": ({tq.lora_key(0, "q_proj", "lora_A"): np.zeros((8, h), np.float32),
-                          tq.lora_key(0, "q_proj", "lora_B"): np.zeros((h, 4), np.float32)},
+                          tq.lora_key(0, "q_proj", "lora_B"): np.full((h, 4), 0.01, np.float32)},
                          "lora_A [8, 64] has rank 8 but lora_B [64, 4] rank 4"),
         "full_weight": ({**lora_pair(0, "q_proj", 8, h, h),
                          "base_model.model.model.layers.0.self_attn.q_proj.weight": np.zeros((h, h), np.float32)},
@@ -555,6 +630,160 @@ def test_tensor_level_defects(tiny: tq.Fixtures, tmp_path: Path) -> None:
         errors = one(tiny, name, path)["errors"]
         assert_well_formed(name, errors)
         assert len(errors) == 1 and expected in errors[0], (name, errors)
+
+
+# --- tensor values -------------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+Q_B, V_A = tq.lora_key(0, "q_proj", "lora_B"), tq.lora_key(1, "v_proj", "lora_A")
+
+
+def setter(values: dict[str, dict[int, float]]) -> Any:
+    """An edit_tensors for tinyqwen: {tensor: {flat index: value}}."""
+    def edit(tensors: dict[str, NDArray[np.float32]]) -> None:
+        for key, at in values.items():
+            flat = tensors[key].reshape(-1)
+            for index, value in at.items():
+                flat[index] = value
+    return edit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_good_adapters_pass_in_every_dtype(tiny: tq.Fixtures, tmp_path: Path, dtype: str) -> None:
+    path = variant(tmp_path, "good", rank=16, target_modules=tq.ATTN_MODULES + tq.MLP_MODULES, dtype=dtype)
+    dtype_code = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    assert {v["dtype"] for k, v in tq.safetensors_header(path / "adapter_model.safetensors").items()
+            if k != "__metadata__"} == {dtype_code}
+    result = one(tiny, "good", path)
+    assert result["errors"] == [] and result["warnings"] == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("values", "expected"), [
+    ({Q_B: {3: float("nan")}}, f"{Q_B} = 1 NaN of 512 values: "),
+    ({V_A: {0: float("inf"), 9: float("inf")}}, f"{V_A} = 2 Inf of 512 values: "),
+    ({V_A: {511: -float("inf"), 7: float("nan")}}, f"{V_A} = 1 NaN and 1 Inf of 512 values: "),
+    ({Q_B: {0: float("nan")}, V_A: {1: float("inf"), 2: float("inf")}},
+     f"{Q_B} = 1 NaN of 512 values (and 1 more tensor: 1 NaN and 2 Inf in all): "),
+], ids=["nan-lora_B", "inf-lora_A", "both-kinds", "two-tensors"])
+def test_nan_or_inf_is_refused_naming_tensor_and_count(
+        tiny: tq.Fixtures, tmp_path: Path, dtype: str, values: dict[str, dict[int, float]], expected: str) -> None:
+    path = variant(tmp_path, "bad", dtype=dtype, edit_tensors=setter(values))
+    errors = one(tiny, "bad", path)["errors"]
+    assert_well_formed("bad", errors)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"adapter 'bad': adapter_model.safetensors {expected}"), errors
+    assert errors[0].endswith("Fix: retrain or re-export the adapter; the file is corrupt "
+                              "(copy it again if only this copy is).")
+
+
+def test_f64_values_are_checked(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    h = tq.HIDDEN
+    pair = {k: v.astype(np.float64) for k, v in lora_pair(0, "q_proj", 8, h, h).items()}
+    assert one(tiny, "f64", variant(tmp_path, "f64", tensors=pair))["errors"] == []
+    pair[tq.lora_key(0, "q_proj", "lora_A")][2, 3] = np.nan
+    errors = one(tiny, "f64", variant(tmp_path, "f64_nan", tensors=pair))["errors"]
+    assert len(errors) == 1 and "lora_A.weight = 1 NaN of 512 values" in errors[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero", [0.0, -0.0])
+def test_every_lora_b_all_zero_is_refused(tiny: tq.Fixtures, tmp_path: Path, dtype: str, zero: float) -> None:
+    def edit(tensors: dict[str, NDArray[np.float32]]) -> None:
+        for key, array in tensors.items():
+            if ".lora_B." in key:
+                array[...] = zero
+
+    path = variant(tmp_path, "untrained", dtype=dtype, edit_tensors=edit)
+    errors = one(tiny, "untrained", path)["errors"]
+    assert_well_formed("untrained", errors)
+    assert errors == [
+        f"adapter 'untrained': adapter_model.safetensors lora_B values = all zero (4 tensors, e.g. "
+        f"{tq.lora_key(0, 'q_proj', 'lora_B')}): an untrained adapter (PEFT starts lora_B at zero): vLLM 0.11.0 "
+        "loads it and it changes nothing, requests for it get the base model's output. Fix: train the adapter, "
+        "and export it after training (not its initial state)."]
+
+
+def test_some_zero_lora_b_is_allowed(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    def edit(tensors: dict[str, NDArray[np.float32]]) -> None:
+        for key, array in tensors.items():
+            if ".lora_B." in key and key != Q_B:
+                array[...] = 0.0
+        tensors[Q_B][...] = -0.0
+        tensors[Q_B][-1, -1] = 1e-3  # one value is enough
+
+    assert one(tiny, "partly", variant(tmp_path, "partly", edit_tensors=edit))["errors"] == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_bytes", [1, 6, 64, 1001])
+def test_chunk_boundaries_do_not_change_the_findings(
+        tiny: tq.Fixtures, tmp_path: Path, dtype: str, chunk_bytes: int) -> None:
+    """Chunks of whole elements (an odd size is rounded down); values on both sides of a boundary count."""
+    size = 2 if dtype != "float32" else 4
+    boundary = max(size, chunk_bytes - chunk_bytes % size) // size  # first element of the second chunk
+    nan = setter({Q_B: {boundary - 1: float("nan"), boundary: float("nan"), 300: float("inf")}})
+    errors = one(tiny, "cut", variant(tmp_path, "cut", dtype=dtype, edit_tensors=nan), chunk_bytes=chunk_bytes)["errors"]
+    assert len(errors) == 1 and f"{Q_B} = 2 NaN and 1 Inf of 512 values" in errors[0], errors
+
+    def late_non_zero(tensors: dict[str, NDArray[np.float32]]) -> None:
+        for key, array in tensors.items():
+            if ".lora_B." in key:
+                array[...] = -0.0
+        tensors[Q_B].reshape(-1)[boundary] = 0.5  # only in the second chunk
+
+    path = variant(tmp_path, "late", dtype=dtype, edit_tensors=late_non_zero)
+    assert one(tiny, "late", path, chunk_bytes=chunk_bytes)["errors"] == []
+
+
+def test_other_dtypes_are_skipped_with_a_warning(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    h = tq.HIDDEN
+    pair = {k: np.zeros(v.shape, np.int8) for k, v in lora_pair(0, "q_proj", 8, h, h).items()}
+    result = one(tiny, "int8", variant(tmp_path, "int8", tensors=pair))
+    assert result["errors"] == []  # all-zero lora_B, but unread: not refused
+    assert_well_formed("int8", result["warnings"])
+    assert result["warnings"] == [
+        "adapter 'int8': adapter_model.safetensors tensor dtypes = [\"I8\"]: the values of 2 tensors, e.g. "
+        f"{tq.lora_key(0, 'q_proj', 'lora_A')} are not checked for NaN/Inf or all-zero lora_B (only F16, BF16, "
+        "F32, F64 are read). Fix: save the adapter as float16, bfloat16 or float32 to have them checked."]
+
+
+def test_tensor_data_length_must_fit_shape_and_dtype(tiny: tq.Fixtures, tmp_path: Path) -> None:
+    path = variant(tmp_path, "short", tensors={})
+    header = {"__metadata__": {"format": "pt"},
+              Q_B.replace("lora_B", "lora_A"): {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]},
+              Q_B: {"dtype": "F32", "shape": [64, 8], "data_offsets": [2048, 2050]}}
+    raw = json.dumps(header).encode()
+    (path / "adapter_model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\1" * 2050)
+    errors = one(tiny, "short", path)["errors"]
+    assert any(f"adapter_model.safetensors = (unreadable): tensor {Q_B}: 2 bytes of data, but shape [64, 8] "
+               "of F32 needs 2048" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("code", "numpy_dtype"), [("F16", np.float16), ("F32", np.float32), ("F64", np.float64),
+                                                  ("BF16", None)])
+def test_counts_agree_with_numpy_on_random_bit_patterns(code: str, numpy_dtype: Any) -> None:
+    """Random bits hold every kind of value: normal, subnormal, +-0, +-Inf, NaN payloads."""
+    layout = va.FLOAT_LAYOUTS[code]
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, size=layout.size * 20_000, dtype=np.uint8)
+    for index, mask in layout.exponent:  # every 5th: exponent all ones (numpy says what they are)
+        raw.reshape(-1, layout.size)[::5, index] |= mask
+    data = raw.tobytes()
+    values = (np.frombuffer(data, numpy_dtype) if numpy_dtype is not None
+              else (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32))
+    assert va.count_non_finite(data, layout) == (int(np.isnan(values).sum()), int(np.isinf(values).sum()))
+    assert int(np.isnan(values).sum()) > 1000
+    zeros = bytes(layout.size * 50)
+    signed = bytearray(zeros)
+    signed[layout.size - 1::layout.size * 3] = b"\x80" * len(signed[layout.size - 1::layout.size * 3])
+    assert not va.has_non_zero(zeros, layout) and not va.has_non_zero(bytes(signed), layout)
+    for position in range(layout.size):  # any bit but the sign bit makes a value non-zero
+        one_bit = bytearray(signed)
+        one_bit[layout.size * 7 + position] |= 0x01 if position < layout.size - 1 else 0x40
+        assert va.has_non_zero(bytes(one_bit), layout), position
+    tiny_value = bytearray(zeros)
+    tiny_value[layout.size * 4] = 0x80  # the lowest byte's top bit: a mantissa (or exponent) bit, not the sign
+    assert va.has_non_zero(bytes(tiny_value), layout)
 
 
 # --- checksums and base config ------------------------------------------------
@@ -707,6 +936,29 @@ def test_module_rejects_bad_options(tiny: tq.Fixtures, capsys: pytest.CaptureFix
     assert rc == 1 and "base_model_config must be a path to config.json or a dict" in result["msg"]
 
 
+def test_allow_pickle_travels_from_the_declaration_to_the_module(
+        tiny: tq.Fixtures, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vllm_lora_adapters -> vllm_artifacts -> vllm_pick_path (as preflight.yml maps them) -> the module."""
+    filters = _load("vllm_filters_for_adapter_check", ROOT / "roles" / "vllm" / "filter_plugins" / "vllm.py")
+    path = str(pickled_variant(tmp_path, "pickled"))
+    model = {"name": "tiny", "source": "controller", "path": str(tiny.model)}
+    for declared, rc in (({}, 1), ({"allow_pickle": False}, 1), ({"allow_pickle": True}, 0)):
+        adapters = [{"name": "pickled", "source": "controller", "path": path, **declared}]
+        artifacts = filters.vllm_artifacts(model, "/srv/models/tiny", adapters, "/srv/adapters")
+        picked = [filters.vllm_pick_path(a, "src") for a in artifacts if a["kind"] == "adapter"]
+        assert picked == [{"name": "pickled", "path": path, "allow_pickle": bool(declared.get("allow_pickle"))}]
+        code, result = run_module(module_args(tiny, picked), capsys)
+        assert code == rc, (declared, result.get("msg"))
+        if rc == 0:
+            assert any("allow_pickle true): accepted without checking its tensors" in w
+                       for w in warning_texts(result)), result.get("warnings")
+        else:
+            assert "set allow_pickle: true on this adapter" in result["msg"]
+    host = filters.vllm_artifacts(model, "/m", [{"name": "h", "source": "host", "path": path,
+                                                 "allow_pickle": True}], "/a")[1]
+    assert filters.vllm_pick_path(host, "dest")["allow_pickle"] is True
+
+
 # --- vLLM itself ----------------------------------------------------------------
 VLLM_LOADER = textwrap.dedent('''
     """vLLM 0.11.0's _load_adapter steps for Qwen2 (worker_manager.py), without an engine."""
@@ -774,6 +1026,9 @@ def test_vllm_loader_agrees(tiny: tq.Fixtures, tmp_path: Path) -> None:
         "smaller",            # zero-padded at activation: wrong output, no error
         "scaled",             # rank_pattern ignored: scaled alpha/r, not as trained
         "unused_target",      # target_modules not checked for safetensors; only tensor names
+        "nan_weights",        # loaded and served: garbage output
+        "inf_weights",        # the same
+        "zero_b",             # loaded and served: the base model's output
     }
     assert set(tiny.adapters) & refused_by_us == set()
     for name, phrase in {"rank_too_high": "LoRA rank 64 is greater than max_lora_rank 16.",

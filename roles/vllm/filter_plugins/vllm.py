@@ -56,6 +56,8 @@ def vllm_artifacts(
     for kind, item, dest in items:
         source = item.get("source", "controller")
         entry: dict[str, Any] = {"kind": kind, "name": str(item["name"]), "source": source, "dest": dest}
+        if kind == "adapter" and item.get("allow_pickle"):
+            entry["allow_pickle"] = True  # only when set: records and plans stay as they were
         if source == "controller":
             entry["src"] = str(item["path"]).rstrip("/")
         elif source == "host":
@@ -78,9 +80,11 @@ def vllm_digests(manifest_results: list[dict[str, Any]]) -> dict[str, str]:
     return {f"{r['item']['kind']}/{r['item']['name']}": str(r["digest"]) for r in manifest_results if "digest" in r}
 
 
-def vllm_pick_path(artifact: dict[str, Any], key: str) -> dict[str, str]:
-    """{name, path} of an artifact, with path taken from `key` (src on the controller, dest on the host)."""
-    return {"name": str(artifact["name"]), "path": str(artifact[key])}
+def vllm_pick_path(artifact: dict[str, Any], key: str) -> dict[str, Any]:
+    """{name, path, allow_pickle} of an artifact for vllm_adapter_check, with path taken
+    from `key` (src on the controller, dest on the host)."""
+    return {"name": str(artifact["name"]), "path": str(artifact[key]),
+            "allow_pickle": bool(artifact.get("allow_pickle", False))}
 
 
 def vllm_serve_args(settings: dict[str, Any]) -> list[str]:

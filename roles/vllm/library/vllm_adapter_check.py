@@ -14,15 +14,20 @@ DOCUMENTATION = r"""
 module: vllm_adapter_check
 short_description: Check PEFT LoRA adapters against a base model and vLLM 0.11.0's rules
 description:
-  - Reads each adapter's C(adapter_config.json) and the header of its
-    C(adapter_model.safetensors) (never the tensors), and the base model's C(config.json).
+  - Reads each adapter's C(adapter_config.json), its C(adapter_model.safetensors) (the
+    header, then the LoRA tensors' values in bounded chunks; F16, BF16, F32 and F64 are
+    read, other dtypes are skipped with a warning), and the base model's C(config.json).
+    A pickled C(adapter_model.bin)/C(.pt) is never unpickled.
   - Fails, with one line per problem naming the adapter, the field, the value and the
     fix, on what vLLM 0.11.0 refuses or would serve wrongly - not LoRA (C(peft_type));
     DoRA (C(use_dora)); C(modules_to_save) set; C(bias) not C(none); a target module
     the base has no LoRA support for; a rank (C(r), C(rank_pattern), the tensor shapes)
     above the max LoRA rank; C(rank_pattern)/C(alpha_pattern) that vLLM would scale
     differently than trained; tensor shapes or layer indices that do not fit the base
-    model; C(base_model_name_or_path) naming another model; no weights file; missing
+    model; C(base_model_name_or_path) naming another model; no weights file; only a
+    pickled C(adapter_model.bin)/C(.pt) (unless the adapter has C(allow_pickle=true),
+    then a warning that its tensors are not checked); NaN or Inf in a LoRA tensor; every
+    lora_B all zeros (an untrained adapter, which changes nothing); missing
     C(r)/C(lora_alpha)/C(target_modules); a name that is empty, duplicated, a served
     model name or unsafe in a path or URL; a checksum mismatch.
   - Also checks the engine settings - O(max_lora_rank) must be one of 8, 16, 32, 64, 128,
@@ -33,8 +38,10 @@ description:
 options:
   adapters:
     description:
-      - The adapters, each a dict with C(name) (the served name) and C(path) (the adapter
-        directory where this module runs). Other keys are ignored.
+      - The adapters, each a dict with C(name) (the served name), C(path) (the adapter
+        directory where this module runs) and optionally C(allow_pickle) (bool, default
+        false - accept a C(.bin)/C(.pt) without C(adapter_model.safetensors), unchecked).
+        Other keys are ignored.
     type: list
     elements: dict
     required: true

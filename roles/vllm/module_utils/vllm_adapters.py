@@ -1,9 +1,11 @@
 """Static checks of PEFT LoRA adapters against a base model and vLLM 0.11.0's rules.
 
-Reads only ``adapter_config.json``, the JSON header of ``adapter_model.safetensors``
-(never the tensors) and the base model's ``config.json``, so it is fast and safe
-on the controller before anything on a host changes. Standard library only,
-Python 3.9+: this runs on the controller and on the target hosts.
+Reads ``adapter_config.json``, ``adapter_model.safetensors`` (its header, then the
+LoRA tensors' values in bounded chunks, for NaN/Inf and an all-zero lora_B) and
+the base model's ``config.json``, so it is fast and safe on the controller
+before anything on a host changes. A pickled ``adapter_model.bin``/``.pt`` is
+never unpickled. Standard library only, Python 3.9+: this runs on the
+controller and on the target hosts.
 
 Every problem is one line that names the adapter, the field, its value, why it
 is wrong and the fix. Errors are what vLLM 0.11.0 refuses (at start-up, at a
@@ -18,7 +20,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar, Union
+from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from ansible.module_utils.vllm_files import sha256_file
 
@@ -173,8 +175,18 @@ def load_base_model(source: Union[str, Mapping[str, Any]]) -> BaseModel:
 
 
 # --- reading adapter files --------------------------------------------------
-def read_safetensors_header(path: str) -> Dict[str, List[int]]:
-    """{tensor name: shape} from a safetensors file's header; the data is not read.
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header; ``start``/``end`` are absolute file offsets."""
+
+    dtype: str
+    shape: List[int]
+    start: int
+    end: int
+
+
+def read_safetensors_index(path: str) -> Dict[str, TensorEntry]:
+    """{tensor name: entry} from a safetensors file's header; the data is not read.
 
     The format: 8-byte little-endian header length, a JSON header, then the
     tensor bytes, which must exactly fill the rest of the file.
@@ -194,7 +206,7 @@ def read_safetensors_header(path: str) -> Dict[str, List[int]]:
         raise AdapterCheckError(f"header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise AdapterCheckError("header is not a JSON object")
-    shapes: Dict[str, List[int]] = {}
+    entries: Dict[str, TensorEntry] = {}
     data_end = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -205,12 +217,151 @@ def read_safetensors_header(path: str) -> Dict[str, List[int]]:
                 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets)):
             raise AdapterCheckError(f"header entry {key!r} has no valid shape/data_offsets")
-        shapes[key] = shape
+        entries[key] = TensorEntry(dtype=str(info.get("dtype")), shape=shape,
+                                   start=8 + length + offsets[0], end=8 + length + offsets[1])
         data_end = max(data_end, offsets[1])
     if 8 + length + data_end != size:
         raise AdapterCheckError(f"tensor data ends at byte {8 + length + data_end} but the file has "
                                 f"{size} bytes (truncated or corrupt copy)")
-    return shapes
+    return entries
+
+
+def read_safetensors_header(path: str) -> Dict[str, List[int]]:
+    """{tensor name: shape} from a safetensors file's header; the data is not read."""
+    return {name: entry.shape for name, entry in read_safetensors_index(path).items()}
+
+
+# --- reading tensor values --------------------------------------------------
+# Stdlib only and no per-element loop: a little-endian IEEE float is cut into
+# byte planes (data[i::size]); bytes.translate with 256-byte tables marks the
+# bytes whose exponent/mantissa bits are set, int.from_bytes(...) & combines
+# the planes. vLLM 0.11.0 loads NaN/Inf and all-zero lora_B without a word.
+@dataclass(frozen=True)
+class FloatLayout:
+    """Where a dtype's exponent and mantissa bits are, as (byte index, mask) per element."""
+
+    size: int
+    exponent: Tuple[Tuple[int, int], ...]
+    """All these bits set: Inf or NaN. The first is in the sign byte (index size - 1)."""
+    mantissa: Tuple[Tuple[int, int], ...]
+    """Any of these bits set, with the exponent all ones: NaN."""
+
+
+FLOAT_LAYOUTS: Dict[str, FloatLayout] = {
+    "F16": FloatLayout(2, ((1, 0x7C),), ((1, 0x03), (0, 0xFF))),
+    "BF16": FloatLayout(2, ((1, 0x7F), (0, 0x80)), ((0, 0x7F),)),
+    "F32": FloatLayout(4, ((3, 0x7F), (2, 0x80)), ((2, 0x7F), (1, 0xFF), (0, 0xFF))),
+    "F64": FloatLayout(8, ((7, 0x7F), (6, 0xF0)), ((6, 0x0F),) + tuple((i, 0xFF) for i in range(6))),
+}
+"""safetensors dtypes whose values are checked; others are skipped with a warning."""
+
+DATA_CHUNK_BYTES = 16 * 1024 * 1024
+"""Tensor bytes read at once: bounds the memory of a value check (a few times this)."""
+
+
+def _table(mask: int, all_bits: bool) -> bytes:
+    """256-byte translate table: 1 where a byte has all (or any) of ``mask``'s bits, else 0."""
+    return bytes(int((b & mask) == mask if all_bits else bool(b & mask)) for b in range(256))
+
+
+def _not_all_bits(mask: int) -> bytes:
+    """The bytes without all of ``mask``'s bits: deleted, the candidates for Inf/NaN remain."""
+    return bytes(b for b in range(256) if (b & mask) != mask)
+
+
+_TABLES: Dict[Tuple[int, bool], bytes] = {}
+
+
+def _marks(plane: bytes, mask: int, all_bits: bool) -> int:
+    """One bit per element (at bit 8k), set where the plane's byte has the mask's bits."""
+    key = (mask, all_bits)
+    if key not in _TABLES:
+        _TABLES[key] = _table(mask, all_bits)
+    return int.from_bytes(plane.translate(_TABLES[key]), "little")
+
+
+def _count_marks(marks: int, elements: int) -> int:
+    return marks.to_bytes(elements, "little").count(1)
+
+
+def count_non_finite(chunk: bytes, layout: FloatLayout) -> Tuple[int, int]:
+    """(NaN, Inf) counts in whole elements of ``layout``."""
+    size = layout.size
+    elements = len(chunk) // size
+    sign_byte, sign_mask = layout.exponent[0]
+    if not chunk[sign_byte::size].translate(None, _not_all_bits(sign_mask)):
+        return 0, 0  # the usual case: no exponent can be all ones
+    exponent = -1
+    for index, mask in layout.exponent:
+        exponent &= _marks(chunk[index::size], mask, True)
+    if not exponent:
+        return 0, 0
+    mantissa = 0
+    for index, mask in layout.mantissa:
+        mantissa |= _marks(chunk[index::size], mask, False)
+    nan = _count_marks(exponent & mantissa, elements)
+    return nan, _count_marks(exponent, elements) - nan
+
+
+def has_non_zero(chunk: bytes, layout: FloatLayout) -> bool:
+    """Whether any element is neither +0.0 nor -0.0 (only the sign bit set)."""
+    zeros = chunk.count(0)
+    if zeros == len(chunk):
+        return False
+    sign_bytes = chunk[layout.size - 1::layout.size]
+    return zeros + sign_bytes.count(0x80) != len(chunk)
+
+
+@dataclass
+class TensorValues:
+    """What :func:`scan_tensor` found in one tensor's data."""
+
+    elements: int
+    nan: int = 0
+    inf: int = 0
+    non_zero: bool = False
+
+
+def scan_tensor(handle: BinaryIO, name: str, entry: TensorEntry, layout: FloatLayout,
+                chunk_bytes: int = DATA_CHUNK_BYTES) -> TensorValues:
+    """Read one tensor's data in chunks of whole elements (at most ``chunk_bytes``)."""
+    elements = 1
+    for dim in entry.shape:
+        elements *= dim
+    if entry.end - entry.start != elements * layout.size:
+        raise AdapterCheckError(f"tensor {name}: {entry.end - entry.start} bytes of data, but shape "
+                                f"{entry.shape} of {entry.dtype} needs {elements * layout.size}")
+    step = max(layout.size, chunk_bytes - chunk_bytes % layout.size)
+    values = TensorValues(elements=elements)
+    handle.seek(entry.start)
+    left = entry.end - entry.start
+    while left:
+        chunk = handle.read(min(step, left))
+        if not chunk or len(chunk) % layout.size:
+            raise AdapterCheckError(f"tensor {name}: the file ended inside its data")
+        left -= len(chunk)
+        nan, inf = count_non_finite(chunk, layout)
+        values.nan += nan
+        values.inf += inf
+        values.non_zero = values.non_zero or has_non_zero(chunk, layout)
+    return values
+
+
+def scan_lora_tensors(path: str, entries: Mapping[str, TensorEntry],
+                      chunk_bytes: int = DATA_CHUNK_BYTES) -> Tuple[Dict[str, TensorValues], Dict[str, str]]:
+    """({lora_A/lora_B tensor: values}, {tensor of a dtype that is not read: dtype}), in file order."""
+    scanned: Dict[str, TensorValues] = {}
+    skipped: Dict[str, str] = {}
+    lora = sorted((entry.start, name) for name, entry in entries.items()
+                  if parse_tensor_name(name)[1] in ("lora_A", "lora_B"))
+    with open(path, "rb") as handle:
+        for _, name in lora:
+            layout = FLOAT_LAYOUTS.get(entries[name].dtype)
+            if layout is None:
+                skipped[name] = entries[name].dtype
+            else:
+                scanned[name] = scan_tensor(handle, name, entries[name], layout, chunk_bytes)
+    return scanned, skipped
 
 
 def parse_tensor_name(name: str) -> Tuple[str, Optional[str]]:
@@ -254,7 +405,7 @@ class AdapterReport:
     rank: Optional[int] = None
     """Largest rank seen: ``r``, ``rank_pattern`` values and the lora_A/lora_B shapes."""
     weights: Optional[str] = None
-    """``safetensors``, ``bin``/``pt`` (shapes not checkable) or None (missing)."""
+    """``safetensors``, ``bin``/``pt`` (not checkable: refused unless allowed) or None (missing)."""
     problems: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
 
@@ -565,18 +716,78 @@ def _check_checksums(report: AdapterReport, path: str, manifest: Any) -> None:
                 "copy the adapter again from its source, or update the manifest if the change is intended"))
 
 
+def _check_pickle(report: AdapterReport, pickled: str, allow_pickle: bool) -> None:
+    """A .bin/.pt without safetensors: vLLM torch.load()s it; only safetensors can be checked."""
+    convert = (f"python -c \"import torch; from safetensors.torch import save_file; "
+               f"save_file({{k: v.contiguous() for k, v in torch.load('{pickled}', weights_only=True).items()}}, "
+               f"'{SAFETENSORS_FILE}')\" in the adapter directory (or PEFT's "
+               "save_pretrained(..., safe_serialization=True))")
+    if allow_pickle:
+        report.warnings.append(problem(
+            report.name, pickled, "(present, no safetensors, allow_pickle true)",
+            "accepted without checking its tensors (a pickle cannot be read without unpickling it): shapes, "
+            "NaN/Inf and all-zero lora_B are not checked, and vLLM 0.11.0 stops at start-up if it is not a "
+            "torch archive", f"convert it to safetensors: {convert}"))
+        return
+    report.problems.append(problem(
+        report.name, pickled, "(present, no safetensors)",
+        "a pickle: its tensors cannot be checked without unpickling it, and vLLM 0.11.0 reads it with "
+        "torch.load(weights_only=True), so a file that is not a torch archive stops start-up",
+        f"convert it to safetensors: {convert}; or, only if you trust the file, set allow_pickle: true "
+        "on this adapter in vllm_lora_adapters"))
+
+
+def _bad_values(nan: int, inf: int) -> str:
+    return " and ".join(f"{count} {what}" for count, what in ((nan, "NaN"), (inf, "Inf")) if count)
+
+
+def _check_values(report: AdapterReport, scanned: Mapping[str, TensorValues], skipped: Mapping[str, str]) -> None:
+    """NaN/Inf in any LoRA tensor; every lora_B all zeros (an untrained adapter)."""
+    name, where = report.name, SAFETENSORS_FILE
+    bad = [(tensor, v) for tensor, v in scanned.items() if v.nan or v.inf]
+    if bad:
+        tensor, first = bad[0]
+        more = "" if len(bad) == 1 else (
+            f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}: "
+            f"{_bad_values(sum(v.nan for _, v in bad), sum(v.inf for _, v in bad))} in all)")
+        report.problems.append(problem(
+            name, f"{where} {tensor}", f"{_bad_values(first.nan, first.inf)} of {first.elements} values{more}",
+            "vLLM 0.11.0 loads NaN/Inf weights without an error and serves garbage for this adapter",
+            "retrain or re-export the adapter; the file is corrupt (copy it again if only this copy is)"))
+    lora_b = sorted(t for t in scanned if parse_tensor_name(t)[1] == "lora_B")
+    unread_b = [t for t in skipped if parse_tensor_name(t)[1] == "lora_B"]
+    if lora_b and not unread_b and not any(scanned[t].non_zero for t in lora_b):
+        report.problems.append(problem(
+            name, f"{where} lora_B values", f"all zero ({_examples(lora_b)})",
+            "an untrained adapter (PEFT starts lora_B at zero): vLLM 0.11.0 loads it and it changes nothing, "
+            "requests for it get the base model's output",
+            "train the adapter, and export it after training (not its initial state)"))
+    if skipped:
+        report.warnings.append(problem(
+            name, f"{where} tensor dtypes", show(sorted(set(skipped.values()))),
+            f"the values of {_examples(sorted(skipped))} are not checked for NaN/Inf or all-zero lora_B "
+            f"(only {', '.join(FLOAT_LAYOUTS)} are read)",
+            "save the adapter as float16, bfloat16 or float32 to have them checked"))
+
+
 def check_adapter(name: str, path: str, base: Optional[BaseModel] = None, *,
                   supported_modules: Optional[Sequence[str]] = None,
                   max_lora_rank: Optional[int] = None,
                   base_model_names: Sequence[str] = (),
                   base_model_mismatch: str = "error",
-                  checksums: Optional[Mapping[str, Any]] = None) -> AdapterReport:
+                  checksums: Optional[Mapping[str, Any]] = None,
+                  allow_pickle: bool = False,
+                  check_values: bool = True,
+                  chunk_bytes: int = DATA_CHUNK_BYTES) -> AdapterReport:
     """Every rule for one adapter directory (not its name: see :func:`check_names`).
 
     ``supported_modules`` None: by ``base.architecture`` from
     :data:`SUPPORTED_LORA_MODULES` (unknown architecture: a warning, no module
     check). ``max_lora_rank`` None or 0: the rank is not compared. Empty
     ``base_model_names``: ``base_model_name_or_path`` is not compared.
+    ``allow_pickle``: a .bin/.pt without safetensors is accepted (a warning).
+    ``check_values`` False: the safetensors header only (for benchmarks), else
+    the LoRA tensors' values too, read ``chunk_bytes`` at a time.
     """
     report = AdapterReport(name=name, path=path)
     if supported_modules is None and base is not None:
@@ -612,9 +823,12 @@ def check_adapter(name: str, path: str, base: Optional[BaseModel] = None, *,
     shapes: Optional[Dict[str, List[int]]] = None
     safetensors = os.path.join(path, SAFETENSORS_FILE)
     if os.path.isfile(safetensors):
-        weights = "safetensors"
+        weights = "safetensors"  # vLLM prefers it to a .bin/.pt beside it
         try:
-            shapes = read_safetensors_header(safetensors)
+            entries = read_safetensors_index(safetensors)
+            shapes = {tensor: entry.shape for tensor, entry in entries.items()}
+            if check_values:
+                _check_values(report, *scan_lora_tensors(safetensors, entries, chunk_bytes))
         except (OSError, AdapterCheckError) as exc:
             report.problems.append(problem(name, SAFETENSORS_FILE, "(unreadable)", str(exc),
                                            "copy the adapter again from its source"))
@@ -622,11 +836,7 @@ def check_adapter(name: str, path: str, base: Optional[BaseModel] = None, *,
         pickled = next((f for f in PICKLE_FILES if os.path.isfile(os.path.join(path, f))), None)
         if pickled:
             weights = pickled.rsplit(".", 1)[1]
-            report.warnings.append(problem(
-                name, pickled, "(present)",
-                "weights present but their shapes are not checkable without loading them (pickle); "
-                "vLLM loads it, checking target modules from adapter_config.json only",
-                f"convert it to {SAFETENSORS_FILE} so it can be checked (and is not unpickled)"))
+            _check_pickle(report, pickled, allow_pickle)
         else:
             report.problems.append(problem(
                 name, SAFETENSORS_FILE, "(missing)",
@@ -788,8 +998,10 @@ def check_all(adapters: Sequence[Mapping[str, Any]],
               max_cpu_loras: Optional[int] = 0,
               base_model_mismatch: str = "error",
               supported_modules: Optional[Sequence[str]] = None,
-              checksums: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
-    """Check every adapter ({name, path}) and the engine settings.
+              checksums: Optional[Mapping[str, Mapping[str, Any]]] = None,
+              check_values: bool = True,
+              chunk_bytes: int = DATA_CHUNK_BYTES) -> Dict[str, Any]:
+    """Check every adapter ({name, path, allow_pickle}) and the engine settings.
 
     Returns ``errors`` and ``warnings`` (lists of one-line messages),
     ``max_lora_rank_effective`` (the given value, or derived when 0/None),
@@ -823,7 +1035,8 @@ def check_all(adapters: Sequence[Mapping[str, Any]],
             report = check_adapter(
                 str(name), path, base, supported_modules=supported_modules, max_lora_rank=explicit,
                 base_model_names=base_model_names, base_model_mismatch=base_model_mismatch,
-                checksums=(checksums or {}).get(str(name)))
+                checksums=(checksums or {}).get(str(name)), allow_pickle=bool(adapter.get("allow_pickle")),
+                check_values=check_values, chunk_bytes=chunk_bytes)
         reports.append(report)
     ranks = [r.rank for r in reports if r.rank is not None]
     engine_errors, engine_warnings, effective = check_engine(
