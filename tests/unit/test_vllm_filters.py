@@ -107,3 +107,52 @@ def test_artifacts_and_adapter_targets() -> None:
         {"kind": "adapter", "name": "a", "source": "controller", "dest": "/srv/vllm/adapters/a", "src": "/ctl/a"},
         {"kind": "adapter", "name": "b", "source": "host", "dest": "/opt/b", "path": "/opt/b", "checksums": {}},
     ]
+
+
+# --- the unit's sandbox (rendered into the unit and given to the read probe) ---------------------
+
+def test_sandbox_without_adopted_folders_hides_home_entirely() -> None:
+    lines = filters.vllm_unit_sandbox([], "cpu", [])
+    assert "ProtectHome=yes" in lines and "PrivateTmp=yes" in lines and "ProtectSystem=strict" in lines
+    assert not [line for line in lines if line.startswith("BindReadOnlyPaths=")]
+    assert lines[-2:] == ["PrivateDevices=yes", "DevicePolicy=closed"]
+
+
+@pytest.mark.parametrize("path, protect_home", [
+    ("/home/beelink/models/Qwen2.5-7B-Instruct-AWQ", "tmpfs"),
+    ("/root/models/q", "tmpfs"),
+    ("/run/user/1000/q", "tmpfs"),
+    ("/mnt/models/q", "yes"),
+    ("/data/q", "yes"),
+    ("/homework/q", "yes"),
+])
+def test_sandbox_binds_adopted_folders_read_only(path: str, protect_home: str) -> None:
+    lines = filters.vllm_unit_sandbox([path + "/", "/srv/other"], "cpu", [])
+    assert f"ProtectHome={protect_home}" in lines
+    assert f"BindReadOnlyPaths={' '.join(sorted([path, '/srv/other']))}" in lines
+    # Every other directive stays as it is without adopted folders.
+    assert [line for line in lines if not line.startswith(("ProtectHome=", "BindReadOnlyPaths="))] == \
+        [line for line in filters.vllm_unit_sandbox([], "cpu", []) if not line.startswith("ProtectHome=")]
+
+
+def test_sandbox_gpu_devices_only() -> None:
+    lines = filters.vllm_unit_sandbox([], "cuda", ["/dev/nvidiactl", "char-nvidia-frontend"])
+    assert "PrivateDevices=yes" not in lines
+    assert lines[-3:] == ["DevicePolicy=closed", "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=char-nvidia-frontend rw"]
+
+
+@pytest.mark.parametrize("path, quoted", [
+    ("/mnt/my models/q", '"/mnt/my models/q"'),
+    ("/mnt/a:b", "/mnt/a\\:b"),
+    ("/mnt/100%", "/mnt/100%%"),
+])
+def test_sandbox_paths_are_quoted_for_systemd(path: str, quoted: str) -> None:
+    assert filters.vllm_systemd_path(path) == quoted
+
+
+def test_argv_changes_name_the_flag() -> None:
+    old = ["/m", "--max-loras", "4", "--middleware", "a", "--middleware", "b", "--x=1"]
+    new = ["/m2", "--max-loras", "3", "--middleware", "a", "--y"]
+    assert filters.vllm_argv_changes(old, new) == [
+        "--max-loras 4 -> 3", "--middleware a b -> a", "--x removed", "--y added", "model /m -> /m2"]
+    assert filters.vllm_argv_changes(old, old) == []

@@ -169,6 +169,96 @@ def vllm_systemd_exec(argv: list[str]) -> str:
     return " ".join(vllm_systemd_quote(str(word)) for word in argv)
 
 
+def _flag_values(argv: list[str]) -> dict[str, list[str]]:
+    """{flag: [values]} of a `vllm serve` argv; the model path is the flag 'model'."""
+    flags: dict[str, list[str]] = {}
+    current = "model"
+    for word in [str(word) for word in argv]:
+        if word.startswith("--"):
+            current = word.split("=", 1)[0]
+            flags.setdefault(current, [])
+            if "=" in word:
+                flags[current].append(word.split("=", 1)[1])
+        else:
+            flags.setdefault(current, []).append(word)
+    return flags
+
+
+def vllm_argv_changes(old: list[str], new: list[str]) -> list[str]:
+    """What differs between two argvs, one 'flag old -> new' each, for messages."""
+    before, after = _flag_values(old), _flag_values(new)
+    return [
+        f"{flag} {' '.join(before.get(flag, [])) or '(unset)'} -> {' '.join(after.get(flag, [])) or '(unset)'}"
+        if flag in before and flag in after else f"{flag} {'added' if flag in after else 'removed'}"
+        for flag in sorted(set(before) | set(after)) if before.get(flag) != after.get(flag)
+    ]
+
+
+# What ProtectHome= hides (systemd.exec(5)); PrivateTmp= replaces /tmp and /var/tmp.
+HOME_ROOTS = ("/home", "/root", "/run/user")
+# The unit's hardening, seen working with the vLLM CPU build (README: each setting left open).
+SANDBOX_COMMON = (
+    "NoNewPrivileges=yes",
+    "CapabilityBoundingSet=",
+    "AmbientCapabilities=",
+    "ProtectSystem=strict",
+    "PrivateTmp=yes",
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "ProtectProc=invisible",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "SystemCallErrorNumber=EPERM",
+)
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in roots)
+
+
+def vllm_unit_sandbox(read_only_paths: list[str], device: str = "cpu", gpu_device_allow: list[str] | None = None) -> list[str]:
+    """The unit's sandbox as `Key=Value` lines: rendered into the unit AND passed
+    as `systemd-run -p` properties to the probe that checks, before the unit
+    changes, that the service can read every adopted file.
+
+    Directories adopted in place (source: host) are bound read-only into the
+    sandbox, wherever they are. Only when one lies under /home, /root or
+    /run/user does ProtectHome= become `tmpfs` (empty home directories, the
+    bound ones inside) instead of `yes`, which would hide it whatever is bound.
+    """
+    paths = sorted({str(path).rstrip("/") or "/" for path in read_only_paths})
+    lines = list(SANDBOX_COMMON)
+    lines.insert(lines.index("PrivateTmp=yes"),
+                 "ProtectHome=tmpfs" if any(_under(path, HOME_ROOTS) for path in paths) else "ProtectHome=yes")
+    if paths:
+        lines.append("BindReadOnlyPaths=" + " ".join(vllm_systemd_path(path) for path in paths))
+    if device == "cuda":
+        # The GPU: only NVIDIA's device nodes.
+        lines.append("DevicePolicy=closed")
+        lines += [f"DeviceAllow={node} rw" for node in gpu_device_allow or []]
+    else:
+        lines += ["PrivateDevices=yes", "DevicePolicy=closed"]
+    return lines
+
+
+def vllm_systemd_path(path: str) -> str:
+    """One path for a space-separated path list (BindReadOnlyPaths=): C-style
+    quoted when needed, ':' escaped (it separates source and destination)."""
+    escaped = path.replace("%", "%%").replace("\\", "\\\\").replace(":", "\\:")
+    if re.fullmatch(r"[A-Za-z0-9_@%+=,./\\:-]+", escaped):
+        return escaped
+    return '"' + escaped.replace('"', '\\"') + '"'
+
+
 def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
     """Problems in the declaration that argument_specs cannot express.
 
@@ -252,4 +342,6 @@ class FilterModule:
             "vllm_without_lora_modules": vllm_without_lora_modules,
             "vllm_changed_adapters": vllm_changed_adapters,
             "vllm_declaration_errors": vllm_declaration_errors,
+            "vllm_unit_sandbox": vllm_unit_sandbox,
+            "vllm_argv_changes": vllm_argv_changes,
         }

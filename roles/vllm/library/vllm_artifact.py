@@ -14,7 +14,7 @@ description:
     manifest, moves it into place with a rename (a half-copied file is never in the served
     directory), removes files the manifest no longer lists, and records the result.
   - C(adopt) takes a directory already on the host as it is, hashing only files whose size or mtime
-    changed since the last record, and checks that the service user can read it.
+    changed since the last record (whether the service can read it: vllm_sandbox_probe).
   - C(prune) removes managed directories that are no longer declared.
 options:
   state:
@@ -238,19 +238,8 @@ def walk_all(root: str):
             yield os.path.relpath(path, root), None
 
 
-def readable_by(path: str, uid: int, gid: int) -> bool:
-    info = os.stat(path)
-    need = 0o5 if os.path.isdir(path) else 0o4
-    if info.st_uid == uid:
-        return bool((info.st_mode >> 6) & need == need)
-    if info.st_gid == gid:
-        return bool((info.st_mode >> 3) & need == need)
-    return bool(info.st_mode & need == need)
-
-
 def adopt(module: AnsibleModule) -> None:
     params = module.params
-    uid, gid = ids(module)
     changed = False
     records: Dict[str, Any] = {}
     for artifact in params["artifacts"]:
@@ -267,17 +256,7 @@ def adopt(module: AnsibleModule) -> None:
                 module.fail_json(msg=f"{key}: {rel} is listed in checksums but missing from {path}")
             if files[rel]["sha256"] != sha:
                 module.fail_json(msg=f"{key}: {path}/{rel} has sha256 {files[rel]['sha256']}, checksums say {sha}")
-        # The service user must be able to read every file and traverse every directory.
-        current = path
-        while current not in ("/", ""):
-            if not readable_by(current, uid, gid):
-                module.fail_json(msg=f"{key}: user {params['owner']}/{params['group']} cannot enter {current}; "
-                                 "grant o+x (or the group) on it, or copy the model instead (source: controller)")
-            current = os.path.dirname(current)
-        for rel in files:
-            if not readable_by(os.path.join(path, rel), uid, gid):
-                module.fail_json(msg=f"{key}: {path}/{rel} is not readable by {params['group']}; "
-                                 "vLLM reports that as 'No such file'. Fix with chmod g+r / o+r or chgrp.")
+        # Whether the service can read it is asked the way the service meets it: vllm_sandbox_probe.
         if new_cache != old:
             changed = True
             if not module.check_mode:
