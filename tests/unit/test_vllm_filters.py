@@ -156,3 +156,20 @@ def test_argv_changes_name_the_flag() -> None:
     assert filters.vllm_argv_changes(old, new) == [
         "--max-loras 4 -> 3", "--middleware a b -> a", "--x removed", "--y added", "model /m -> /m2"]
     assert filters.vllm_argv_changes(old, old) == []
+
+
+@pytest.mark.parametrize("path", ["/", "/home", "/home/", "/tmp/m", "/var/tmp/m", "/dev/shm/m", "/home/a/../b",
+                                  "/home/a//b", "/srv/100%", "/proc/1"])
+def test_adopted_folders_that_would_expose_too_much_or_cannot_be_bound_are_refused(path: str) -> None:
+    model = {"name": "m", "source": "host", "path": path}
+    errors = filters.vllm_declaration_errors({"model": model, "served_names": ["m"], "adapters": [
+        {"name": "a", "source": "host", "path": path}], "max_lora_rank": 16, "max_loras": 1, "max_cpu_loras": 0})
+    assert [e for e in errors if e.startswith("vllm_model.path=")] and \
+        [e for e in errors if e.startswith("vllm_lora_adapters[0].path=")], errors
+
+
+@pytest.mark.parametrize("path", ["/home/beelink/models/Qwen2.5-7B-Instruct-AWQ", "/mnt/my models/q", "/data/q/"])
+def test_ordinary_adopted_folders_pass(path: str) -> None:
+    assert filters.vllm_declaration_errors({"model": {"name": "m", "source": "host", "path": path},
+                                            "served_names": ["m"], "adapters": [], "max_lora_rank": 16,
+                                            "max_loras": 1, "max_cpu_loras": 0}) == []

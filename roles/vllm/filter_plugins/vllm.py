@@ -259,6 +259,30 @@ def vllm_systemd_path(path: str) -> str:
     return '"' + escaped.replace('"', '\\"') + '"'
 
 
+# Bound into the sandbox as a whole, these would expose far more than a model,
+# or (temporary directories) hold files any local user may plant or remove.
+UNADOPTABLE = ("/", "/home", "/root", "/run", "/run/user", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/proc", "/sys",
+               "/etc", "/usr", "/var", "/boot")
+
+
+def _adopted_path_errors(where: str, path: str) -> list[str]:
+    """A folder adopted in place (source: host) is bound read-only into the unit's sandbox."""
+    if not path.startswith("/"):
+        return []
+    normal = path.rstrip("/") or "/"
+    if "/./" in normal + "/" or "/../" in normal + "/" or "//" in normal:
+        return [f"{where}={path!r}: write the folder's plain absolute path (no '.', '..' or '//'): it is bound"
+                " into the service's sandbox as written."]
+    if "%" in normal or any(char.isspace() and char != " " for char in normal):
+        return [f"{where}={path!r}: '%' and control characters cannot be passed to systemd verbatim;"
+                " rename or move the folder."]
+    if normal in UNADOPTABLE or any(normal.startswith(root + "/") for root in ("/tmp", "/var/tmp", "/dev/shm", "/proc", "/sys")):
+        return [f"{where}={path!r}: adopting this folder in place would expose all of it to the service, or it is a"
+                " temporary or virtual folder. Fix: point at the model's own folder (e.g. /home/<user>/models/<name>,"
+                " /srv/..., /mnt/...), or use source: controller."]
+    return []
+
+
 def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
     """Problems in the declaration that argument_specs cannot express.
 
@@ -273,6 +297,8 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
         errors.append(
             f"vllm_model.path={model.get('path')!r}: source '{source}' needs an absolute path to the model directory."
         )
+    if source == "host":
+        errors += _adopted_path_errors("vllm_model.path", str(model.get("path") or ""))
     if source == "hf":
         if not model.get("repo_id"):
             errors.append("vllm_model.repo_id is empty: source 'hf' needs the repository id, e.g. Qwen/Qwen2.5-7B-Instruct-AWQ.")
@@ -304,6 +330,8 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
         adapter_source = adapter.get("source", "controller")
         if adapter_source in ("controller", "host") and not str(adapter.get("path") or "").startswith("/"):
             errors.append(f"{where}.path={adapter.get('path')!r}: needs an absolute path to the adapter directory.")
+        if adapter_source == "host":
+            errors += _adopted_path_errors(f"{where}.path", str(adapter.get("path") or ""))
         if adapter_source == "hf" and not re.fullmatch(r"[0-9a-f]{40}", str(adapter.get("revision") or "")):
             errors.append(f"{where}.revision={adapter.get('revision')!r}: source 'hf' needs a pinned 40-hex commit id.")
     rank = declaration.get("max_lora_rank")

@@ -71,7 +71,7 @@ files:
 # prints [{path, error}] for what it could not. Stays within a few hundred
 # entries of output however broken the tree is.
 READER = r"""
-import json, os, sys
+import json, os, stat, sys
 bad, count = [], 0
 def note(path, error):
     if len(bad) < 200:
@@ -88,6 +88,9 @@ for root in sys.argv[1:]:
         for name in files:
             path = os.path.join(directory, name)
             try:
+                # Only regular files: a FIFO or device node would block the read.
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    continue
                 with open(path, "rb") as handle:
                     handle.read(1)
                 count += 1
@@ -98,7 +101,8 @@ print(json.dumps({"files": count, "bad": bad}))
 
 
 def run_reader(module: AnsibleModule, properties: List[str], paths: List[str]) -> Dict[str, Any]:
-    command = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec"]
+    command = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
+               "-p", f"RuntimeMaxSec={module.params['timeout']}"]
     for prop in properties:
         command += ["-p", prop]
     command += ["--", module.params["python"], "-c", READER] + paths
@@ -154,7 +158,7 @@ def explain(entry: Dict[str, str], hidden: bool, artifact: Dict[str, Any], user:
     head = f"{who}: {path} ({describe(path)}): the service (user {user}, in its sandbox) cannot read it: {entry['error']}."
     if hidden:
         return (f"{head} User {user} can read it outside the sandbox, so the unit's sandbox hides it: the service sees"
-                f" only the declared folders under /home, /root, /run/user and /tmp (bound read-only), and"
+                f" only the declared folders under /home, /root and /run/user (bound read-only), and"
                 f" {os.path.realpath(path)} lies outside {root}. Fix: keep the real files inside the declared"
                 f" folder (e.g. replace symlinks with the files: cp -rL), or declare the folder that holds them.")
     return (f"{head} User {user} is refused outside the sandbox too: the file permissions deny it. Fix: let the"
