@@ -206,7 +206,7 @@ def test_a_release_that_cannot_start_returns_to_the_release_that_served(converge
         result = bee.play(vllm_lora_adapters=[adapter(bee.fixtures, "alpha"), pickled])
         cause = "Weights only load failed"
     assert result.rc != 0
-    assert f"{bee.host.name}: release " in result.output and "stopped while loading" in result.output, result.tail(80)
+    assert f"{bee.host.name}: the new release failed at " in result.output and "stopped while loading" in result.output, result.tail(80)
     assert bee.host.sh(f"journalctl -u vllm --since '{mark}' -o cat | grep -c {shlex.quote(cause)} || true"
                        ).stdout.strip() != "0", f"{cause!r} not in the journal"
     assert f"rolled back to release {before[2]} and verified" in result.output, result.tail(80)
