@@ -242,6 +242,31 @@ def test_adapters_playbook_refuses_anything_but_the_adapter_set(converged: Beeli
     assert bee.state() == before
 
 
+def test_a_roll_that_cannot_drain_returns_to_the_old_release_without_a_restart(converged: Beelink) -> None:
+    """The release is prepared while the old process serves; when the drain then fails (requests keep
+    running past the bound), the old process must keep serving: its unit and release come back, no restart."""
+    bee, host = converged, converged.host
+    before = bee.state()
+    body = json.dumps({"model": "beta", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 200,
+                       "temperature": 0, "ignore_eos": True})
+    loop = (f"for i in $(seq 1 200); do curl -s -o /dev/null -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(body)} http://127.0.0.1:8000/v1/chat/completions; done")
+    for _ in range(2):  # two clients: there is always a request in flight
+        subprocess.run(["docker", "exec", "-d", host.name, "sh", "-c", loop], check=True, timeout=30)
+    try:
+        result = bee.play(playbook="adapters.yml", vllm_balancer_drain_timeout=1,
+                          vllm_lora_adapters=[adapter(bee.fixtures, "beta"), adapter(bee.fixtures, "alpha")])
+    finally:
+        host.sh("pkill -f 'seq 1 200' || true; pkill curl || true")
+    assert result.rc != 0
+    assert "Wait until vLLM reports no request running or waiting" in result.output, result.tail(60)
+    assert "without a restart (its process kept serving) and verified" in result.output, result.tail(60)
+    assert bee.state() == before, "the old process was restarted, or its unit/release did not come back"
+    assert bee.models() == sorted([bee.model_path, "qwen2.5-7b-instruct-awq", "beta"])
+    failed = bee.report("adapters")["roll"]
+    assert failed["rolled_back"] is True and failed["restart"] is False, failed
+
+
 def test_adapters_playbook_applies_live_without_a_restart(converged: Beelink) -> None:
     bee = converged
     live = {"vllm_allow_runtime_lora_updating": True}

@@ -173,3 +173,10 @@ def test_ordinary_adopted_folders_pass(path: str) -> None:
     assert filters.vllm_declaration_errors({"model": {"name": "m", "source": "host", "path": path},
                                             "served_names": ["m"], "adapters": [], "max_lora_rank": 16,
                                             "max_loras": 1, "max_cpu_loras": 0}) == []
+
+
+def test_keep_releases_leaves_one_to_return_to() -> None:
+    base = {"model": {"name": "m", "source": "controller", "path": "/m"}, "served_names": ["m"], "adapters": [],
+            "max_lora_rank": 16, "max_loras": 1, "max_cpu_loras": 0}
+    assert filters.vllm_declaration_errors({**base, "keep_releases": 2}) == []
+    assert [e for e in filters.vllm_declaration_errors({**base, "keep_releases": 1}) if "vllm_keep_releases=1" in e]

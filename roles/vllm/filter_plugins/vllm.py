@@ -347,6 +347,12 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
             f"vllm_max_cpu_loras={max_cpu_loras} is below vllm_max_loras={max_loras}: vLLM refuses to start; "
             "set it >= vllm_max_loras or 0 for the default."
         )
+    keep = int(declaration.get("keep_releases", 3))
+    if keep < 2:
+        errors.append(
+            f"vllm_keep_releases={keep}: keep at least 2, so a failed release has one to return to "
+            "(the current one always stays)."
+        )
     for name in served:
         if not re.fullmatch(r"[A-Za-z0-9/][A-Za-z0-9._/-]{0,255}", str(name)):
             errors.append(f"vllm_served_model_names: {name!r} is not a safe model name (letters, digits, '.', '_', '-', '/').")
