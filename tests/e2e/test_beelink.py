@@ -157,6 +157,7 @@ def test_the_adopted_model_under_home_serves_by_its_path_and_through_an_adapter(
     assert report["verified"] is True and report["model_path"] == bee.model_path
     unit = bee.host.sh("cat /etc/systemd/system/vllm.service").stdout
     assert "ProtectHome=tmpfs" in unit and f"BindReadOnlyPaths={bee.model_path}\n" in unit, unit
+    assert "TemporaryFileSystem=/home/beelink:mode=0755 /home/beelink/models:mode=0755\n" in unit, unit
     shown = bee.host.sh("systemctl show vllm -p ProtectHome -p BindReadOnlyPaths -p ProtectSystem").stdout.split("\n")
     assert "ProtectHome=tmpfs" in shown and "ProtectSystem=strict" in shown, shown
     assert f"BindReadOnlyPaths={bee.model_path}:{bee.model_path}:rbind" in shown, shown

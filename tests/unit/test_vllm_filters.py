@@ -131,7 +131,7 @@ def test_sandbox_binds_adopted_folders_read_only(path: str, protect_home: str) -
     assert f"ProtectHome={protect_home}" in lines
     assert f"BindReadOnlyPaths={' '.join(sorted([path, '/srv/other']))}" in lines
     # Every other directive stays as it is without adopted folders.
-    assert [line for line in lines if not line.startswith(("ProtectHome=", "BindReadOnlyPaths="))] == \
+    assert [line for line in lines if not line.startswith(("ProtectHome=", "BindReadOnlyPaths=", "TemporaryFileSystem="))] == \
         [line for line in filters.vllm_unit_sandbox([], "cpu", []) if not line.startswith("ProtectHome=")]
 
 
@@ -159,7 +159,7 @@ def test_argv_changes_name_the_flag() -> None:
 
 
 @pytest.mark.parametrize("path", ["/", "/home", "/home/", "/tmp/m", "/var/tmp/m", "/dev/shm/m", "/home/a/../b",
-                                  "/home/a//b", "/srv/100%", "/proc/1"])
+                                  "/home/a//b", "/srv/100%", "/srv/a:b", "/proc/1"])
 def test_adopted_folders_that_would_expose_too_much_or_cannot_be_bound_are_refused(path: str) -> None:
     model = {"name": "m", "source": "host", "path": path}
     errors = filters.vllm_declaration_errors({"model": model, "served_names": ["m"], "adapters": [
@@ -180,3 +180,14 @@ def test_keep_releases_leaves_one_to_return_to() -> None:
             "max_lora_rank": 16, "max_loras": 1, "max_cpu_loras": 0}
     assert filters.vllm_declaration_errors({**base, "keep_releases": 2}) == []
     assert [e for e in filters.vllm_declaration_errors({**base, "keep_releases": 1}) if "vllm_keep_releases=1" in e]
+
+
+def test_folders_leading_to_an_adopted_one_under_home_are_0755_tmpfs() -> None:
+    """systemd < 250 created them with the service's UMask (0700 root): the bound folder was unreachable
+    (seen on Debian 11's systemd 247; systemd#21548)."""
+    lines = filters.vllm_unit_sandbox(["/home/beelink/models/Qwen", "/home/beelink/models/Qwen/sub",
+                                       "/home/beelink/lora/sql", "/root/m", "/mnt/x/y"], "cpu", [])
+    assert "TemporaryFileSystem=/home/beelink:mode=0755 /home/beelink/lora:mode=0755 /home/beelink/models:mode=0755" \
+        in lines
+    assert "UMask=0077" in lines
+    assert not [line for line in filters.vllm_unit_sandbox(["/mnt/x/y"], "cpu", []) if "TemporaryFileSystem" in line]

@@ -218,6 +218,10 @@ SANDBOX_COMMON = (
     "SystemCallArchitectures=native",
     "SystemCallFilter=@system-service",
     "SystemCallErrorNumber=EPERM",
+    # Here, not in the unit's template: before systemd 250 (and 249.x without the
+    # stable fix, systemd#21548) the service's umask also made the directories
+    # systemd creates for bind mounts 0700, which the probe must see too.
+    "UMask=0077",
 )
 
 
@@ -239,6 +243,11 @@ def vllm_unit_sandbox(read_only_paths: list[str], device: str = "cpu", gpu_devic
     lines = list(SANDBOX_COMMON)
     lines.insert(lines.index("PrivateTmp=yes"),
                  "ProtectHome=tmpfs" if any(_under(path, HOME_ROOTS) for path in paths) else "ProtectHome=yes")
+    between = _dirs_between_home_and(paths)
+    if between:
+        # Inside the empty /home, systemd creates the folders leading to a bound
+        # one; with UMask=0077 (systemd < 250) they would be 0700 root and hide it.
+        lines.append("TemporaryFileSystem=" + " ".join(vllm_systemd_path(path) + ":mode=0755" for path in between))
     if paths:
         lines.append("BindReadOnlyPaths=" + " ".join(vllm_systemd_path(path) for path in paths))
     if device == "cuda":
@@ -248,6 +257,21 @@ def vllm_unit_sandbox(read_only_paths: list[str], device: str = "cpu", gpu_devic
     else:
         lines += ["PrivateDevices=yes", "DevicePolicy=closed"]
     return lines
+
+
+def _dirs_between_home_and(paths: list[str]) -> list[str]:
+    """Folders strictly between /home (/root, /run/user) and each adopted folder under it,
+    except those inside an adopted folder (they exist there already)."""
+    found: set[str] = set()
+    for path in paths:
+        root = next((root for root in HOME_ROOTS if path.startswith(root + "/")), None)
+        if root is None:
+            continue
+        parent = path.rsplit("/", 1)[0]
+        while parent != root and len(parent) > len(root):
+            found.add(parent)
+            parent = parent.rsplit("/", 1)[0]
+    return sorted(p for p in found if not any(p == q or p.startswith(q + "/") for q in paths))
 
 
 def vllm_systemd_path(path: str) -> str:
@@ -273,9 +297,9 @@ def _adopted_path_errors(where: str, path: str) -> list[str]:
     if "/./" in normal + "/" or "/../" in normal + "/" or "//" in normal:
         return [f"{where}={path!r}: write the folder's plain absolute path (no '.', '..' or '//'): it is bound"
                 " into the service's sandbox as written."]
-    if "%" in normal or any(char.isspace() and char != " " for char in normal):
-        return [f"{where}={path!r}: '%' and control characters cannot be passed to systemd verbatim;"
-                " rename or move the folder."]
+    if "%" in normal or ":" in normal or any(char.isspace() and char != " " for char in normal):
+        return [f"{where}={path!r}: '%', ':' and control characters cannot be passed to systemd's path"
+                " settings verbatim; rename or move the folder."]
     if normal in UNADOPTABLE or any(normal.startswith(root + "/") for root in ("/tmp", "/var/tmp", "/dev/shm", "/proc", "/sys")):
         return [f"{where}={path!r}: adopting this folder in place would expose all of it to the service, or it is a"
                 " temporary or virtual folder. Fix: point at the model's own folder (e.g. /home/<user>/models/<name>,"
