@@ -28,6 +28,7 @@ import yaml
 
 from tests.e2e.conftest import LOG_DIR
 from tests.fixtures import tinyqwen
+from tests.harness import image
 from tests.harness.ansible import REPO, PlayResult, run_playbook
 from tests.harness.hosts import HostPool, TestHost, write_inventory
 from tests.harness.software import LOCAL_GROUP_VARS
@@ -113,6 +114,23 @@ def beelink(software_image: str, fixtures: tinyqwen.Fixtures,
                        capture_output=True, timeout=120)
         host.sh(f"chown -R beelink:beelink /home/beelink && chmod -R u=rwX,g=rX,o= {shlex.quote(bee.model_path)}")
         yield bee
+
+
+def test_check_diff_on_a_new_host_runs_clean(software_image: str, fixtures: tinyqwen.Fixtures,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The runbook's first step, `site.yml --check --diff` on a host nothing was deployed to yet
+    (the base image: no vllm user, no venv), must run to the end and change nothing."""
+    with HostPool(image=image.build_base(), count=1, prefix="vllm-newhost") as pool:
+        bee = Beelink(pool.hosts[0], tmp_path_factory.mktemp("newhost"), fixtures)
+        host = bee.host
+        host.sh("useradd -m beelink && chmod 0750 /home/beelink && mkdir -p /home/beelink/models")
+        subprocess.run(["docker", "cp", f"{fixtures.model}/.", f"{host.name}:{bee.model_path}"], check=True,
+                       capture_output=True, timeout=120)
+        result = bee.play("--check", "--diff")
+        assert result.rc == 0, result.tail(80)
+        assert result.recap[host.name]["failed"] == 0, result.tail(80)
+        assert host.sh("id vllm", check=False).returncode != 0, "check mode created the user"
+        assert host.sh("test -e /etc/systemd/system/vllm.service || test -e /opt/vllm", check=False).returncode != 0
 
 
 @pytest.fixture(scope="module")

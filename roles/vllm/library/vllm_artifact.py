@@ -180,7 +180,9 @@ def make_dirs(path: str, uid: int, gid: int) -> None:
 
 def commit(module: AnsibleModule) -> None:
     params = module.params
-    uid, gid = ids(module)
+    # In check mode nothing is chowned, and on a new host the service user
+    # exists only once install.yml has really run: do not look it up.
+    uid, gid = (-1, -1) if module.check_mode else ids(module)
     changed_items: List[str] = []
     records: Dict[str, Any] = {}
     for artifact in params["artifacts"]:

@@ -129,6 +129,11 @@ def activate(module: AnsibleModule) -> None:
     params = module.params
     software_dir, release_id = params["software_dir"], params["release_id"]
     releases = os.path.join(software_dir, "releases")
+    if release_id and module.check_mode and not os.path.isfile(os.path.join(releases, release_id, "release.json")):
+        # A new release in check mode: its record would have been written by the task before.
+        current = current_id(software_dir)
+        module.exit_json(changed=True, current=release_id, previous=current, history=load_history(software_dir),
+                         removed=[], adapters_in_use=[])
     if not release_id or not os.path.isfile(os.path.join(releases, release_id, "release.json")):
         module.fail_json(msg=f"release {release_id!r} has no {releases}/{release_id}/release.json")
     history = load_history(software_dir)
