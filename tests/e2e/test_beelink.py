@@ -284,6 +284,10 @@ def test_a_roll_that_cannot_drain_returns_to_the_old_release_without_a_restart(c
     assert bee.models() == sorted([bee.model_path, "qwen2.5-7b-instruct-awq", "beta"])
     failed = bee.report("adapters")["roll"]
     assert failed["rolled_back"] is True and failed["restart"] is False, failed
+    # The process runs exactly what unit and current describe again: the next run must not restart it.
+    again = bee.play(vllm_lora_adapters=[adapter(bee.fixtures, "beta")])
+    assert again.rc == 0, again.tail(80)
+    assert bee.state()[0] == before[0], "the next run restarted a process that was current"
 
 
 def test_adapters_playbook_applies_live_without_a_restart(converged: Beelink) -> None:
@@ -301,6 +305,17 @@ def test_adapters_playbook_applies_live_without_a_restart(converged: Beelink) ->
     hello = {"prompt": "Say hello in five words.", "max_tokens": 16}
     assert bee.answer("gamma", **hello) != bee.answer(bee.model_path, **hello)  # type: ignore[arg-type]
     assert bee.report("adapters")["roll"]["restarted"] is False
+
+    # A live load that vLLM refuses (a pickle it cannot read, let through with allow_pickle) leaves the
+    # process changed: going back needs a restart, and then serves exactly the old adapter set.
+    pickled = {"name": "pickled", "source": "controller", "allow_pickle": True,
+               "path": str(bee.fixtures.broken["pickle_only"].path)}
+    release = bee.current()
+    refused = bee.play(playbook="adapters.yml", vllm_lora_adapters=[adapter(bee.fixtures, "gamma"), pickled], **live)
+    assert refused.rc != 0
+    assert f"rolled back to release {release} and verified." in refused.output, refused.tail(80)
+    assert bee.current() == release and bee.state()[0] != start
+    assert bee.models() == sorted([bee.model_path, "qwen2.5-7b-instruct-awq", "gamma"])
 
 
 # Last: it leaves the host down, as a failed maintenance restart does by design.
