@@ -276,7 +276,8 @@ def test_a_roll_that_cannot_drain_returns_to_the_old_release_without_a_restart(c
         result = bee.play(playbook="adapters.yml", vllm_balancer_drain_timeout=1,
                           vllm_lora_adapters=[adapter(bee.fixtures, "beta"), adapter(bee.fixtures, "alpha")])
     finally:
-        host.sh("pkill -f 'seq 1 200' || true; pkill curl || true")
+        # '[s]eq': the pattern must not match this very shell's command line.
+        host.sh("pkill -f '[s]eq 1 200'; pkill -x curl; true")
     assert result.rc != 0
     assert "Wait until vLLM reports no request running or waiting" in result.output, result.tail(60)
     assert "without a restart (its process kept serving) and verified" in result.output, result.tail(60)
