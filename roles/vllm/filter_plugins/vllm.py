@@ -264,14 +264,14 @@ def _dirs_between_home_and(paths: list[str]) -> list[str]:
     except those inside an adopted folder (they exist there already)."""
     found: set[str] = set()
     for path in paths:
-        root = next((root for root in HOME_ROOTS if path.startswith(root + "/")), None)
+        root = next((root for root in HOME_ROOTS if path != root and _under(path, (root,))), None)
         if root is None:
             continue
         parent = path.rsplit("/", 1)[0]
         while parent != root and len(parent) > len(root):
             found.add(parent)
             parent = parent.rsplit("/", 1)[0]
-    return sorted(p for p in found if not any(p == q or p.startswith(q + "/") for q in paths))
+    return sorted(p for p in found if not _under(p, tuple(paths)))
 
 
 def vllm_systemd_path(path: str) -> str:
@@ -300,7 +300,7 @@ def _adopted_path_errors(where: str, path: str) -> list[str]:
     if "%" in normal or ":" in normal or any(char.isspace() and char != " " for char in normal):
         return [f"{where}={path!r}: '%', ':' and control characters cannot be passed to systemd's path"
                 " settings verbatim; rename or move the folder."]
-    if normal in UNADOPTABLE or any(normal.startswith(root + "/") for root in ("/tmp", "/var/tmp", "/dev/shm", "/proc", "/sys")):
+    if normal in UNADOPTABLE or _under(normal, ("/tmp", "/var/tmp", "/dev/shm", "/proc", "/sys")):
         return [f"{where}={path!r}: adopting this folder in place would expose all of it to the service, or it is a"
                 " temporary or virtual folder. Fix: point at the model's own folder (e.g. /home/<user>/models/<name>,"
                 " /srv/..., /mnt/...), or use source: controller."]
