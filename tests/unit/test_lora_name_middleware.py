@@ -56,7 +56,7 @@ class FakeVllm:
                            "receive": receive})
         try:
             model = dict(json.loads(body)).get("model") or BASE
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # FastAPI: 400 for any body it cannot parse
             await _send_json(send, 400, {"error": {"message": "bad json"}})
             return
         if model != BASE and model not in ADAPTERS:
@@ -212,6 +212,48 @@ def test_other_bodies_pass_through_byte_for_byte(body: bytes) -> None:
     seen = app.calls[0]
     assert seen["body"] == body
     assert seen["scope"]["headers"] == headers_before
+
+
+# ~2 KB that makes json.loads raise RecursionError: vLLM alone answers 400, so
+# the middleware must not turn it into a 500 with a traceback per request.
+NESTED = b"[" * 1000 + b"]" * 1000
+
+
+@pytest.mark.parametrize("body", [
+    NESTED,
+    b'{"model": "tiny", "lora_name": "alpha", "messages": ' + NESTED + b"}",
+    b'{"lora_name": "alpha", "messages": [{"role": "user", "content": ' + NESTED + b"}]}",
+])
+def test_too_deeply_nested_body_reaches_vllm_untouched_and_gets_its_400(body: bytes) -> None:
+    app = FakeVllm()
+    scope = _scope(app, body_len=len(body))
+    headers_before = list(scope["headers"])
+    result = _run(scope, [body], app, max_body_bytes=4096)
+    seen = app.calls[0]
+    assert seen["body"] == body and seen["scope"]["headers"] == headers_before
+    assert result.status == 400
+
+
+def test_decide_passes_a_too_deeply_nested_body_through() -> None:
+    assert compat.decide(NESTED, lambda name: name == BASE) == compat.Decision()
+
+
+def test_body_that_cannot_be_written_back_is_a_400_not_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed but too deep to serialise again (a deeper stack): refuse, never the base model."""
+    body = _chat(model=BASE, lora_name="alpha")
+    real_dumps = json.dumps
+
+    def dumps(obj: Any, **kwargs: Any) -> str:
+        if isinstance(obj, dict) and "messages" in obj:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_dumps(obj, **kwargs)
+
+    monkeypatch.setattr(compat.json, "dumps", dumps)
+    app = FakeVllm()
+    result = _run(_scope(app), [body], app)
+    assert app.calls == [] and result.status == 400
+    error = result.json["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400 and error["param"] == "lora_name"
 
 
 @pytest.mark.parametrize("method,path,content_type", [

@@ -328,6 +328,8 @@ def test_patterns_vllm_would_scale_differently_are_errors(
     (".hidden", "not safe in a path or URL"),
     ("x" * 129, "not safe in a path or URL"),
     ("alpha?x=1", "not safe in a path or URL"),
+    ("alpha\n", "not safe in a path or URL"),  # `$` alone accepts a trailing newline
+    ("tiny\n", "not safe in a path or URL"),
     ("tiny", "equals a served model name"),
 ])
 def test_bad_adapter_names_are_errors(tiny: tq.Fixtures, name: str, why: str) -> None:

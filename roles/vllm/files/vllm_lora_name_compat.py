@@ -117,8 +117,10 @@ def decide(raw: bytes, is_base: Callable[[str], bool]) -> Decision:
     """Pure rewrite rule, kept apart from the ASGI plumbing so it is testable."""
     try:
         payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return Decision()  # let vLLM report its own JSON error
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # Not JSON we can read (a ~2 KB body of nested arrays exhausts the
+        # recursion limit): like any non-JSON body, vLLM answers its own 400.
+        return Decision()
     if not isinstance(payload, dict) or "lora_name" not in payload:
         return Decision()
     lora_name = payload["lora_name"]
@@ -138,7 +140,16 @@ def decide(raw: bytes, is_base: Callable[[str], bool]) -> Decision:
             "BadRequestError", 400, "lora_name"))
     del payload["lora_name"]
     payload["model"] = lora_name
-    return Decision(body=json.dumps(payload).encode(), adapter=lora_name)
+    try:
+        body = json.dumps(payload).encode()
+    except (ValueError, RecursionError):
+        # Read but too deep to write back (dumps may run on a deeper stack):
+        # forwarding the original would serve the base model, so refuse.
+        return Decision(status=400, error=error_body(
+            "The request body is nested too deeply to honour `lora_name`; "
+            "select the adapter with `model` instead.",
+            "BadRequestError", 400, "lora_name"))
+    return Decision(body=body, adapter=lora_name)
 
 
 def _with_content_length(scope: Scope, length: int) -> Scope:

@@ -25,7 +25,7 @@ options:
     type: path
     required: true
   release_id:
-    description: The release to activate.
+    description: The release to activate (12 lowercase hex characters, as the role makes it).
     type: str
   to:
     description: For rollback, C(previous) or a release id.
@@ -79,11 +79,31 @@ adapters_in_use:
 """
 
 import os
+import re
 import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.vllm_files import read_json, write_json_atomic
+
+
+# What roles/vllm/vars/main.yml makes: the first 12 hex characters of a sha256.
+# Ids are joined into paths under releases/ that activate may remove, so
+# nothing else ("../venvs/x", "/etc", a trailing newline) may pass.
+RELEASE_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def release_id_problem(params: Dict[str, Any]) -> Optional[str]:
+    """Pure: a message naming the first parameter that is not a release id, or None."""
+    # Each parameter with the words it may carry besides an id ("" = discard nothing).
+    for name, words in (("release_id", ()), ("discard", ("",)), ("to", ("previous",))):
+        value = params.get(name)
+        if value is None or value in words or RELEASE_ID.fullmatch(value):
+            continue
+        also = "".join(f" or {word!r}" for word in words)
+        return (f"{name}={value!r} is not a release id: ids are the 12 lowercase hex characters the role "
+                f"names releases/<id> with. Fix: pass an id from releases/history.json{also}.")
+    return None
 
 
 def history_path(software_dir: str) -> str:
@@ -197,6 +217,9 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
+    problem = release_id_problem(module.params)
+    if problem:
+        module.fail_json(msg=problem)  # before anything is read, written or removed
     {"activate": activate, "rollback": rollback}[module.params["state"]](module)
 
 

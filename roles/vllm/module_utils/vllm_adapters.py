@@ -43,8 +43,9 @@ SUPPORTED_LORA_MODULES: Dict[str, Tuple[str, ...]] = {
 REQUIRED_FIELDS: Tuple[str, ...] = ("r", "lora_alpha", "target_modules")
 """``PEFTHelper``'s fields without defaults (vllm/lora/peft_helper.py)."""
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""Adapter names: safe as a path component, in a URL and on a command line."""
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Adapter names: safe as a path component, in a URL and on a command line.
+Used with fullmatch: `$` with match would also accept a trailing newline."""
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -919,7 +920,7 @@ def check_names(names: Sequence[Any], served_model_names: Sequence[str] = ()) ->
             problems.append(problem(label, "name", show(name), "an adapter needs a name (requests select it "
                                     "with \"model\": \"<name>\")", "give the adapter a name"))
             continue
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             problems.append(problem(
                 name, "name", show(name), f"not safe in a path or URL (must match {NAME_PATTERN.pattern})",
                 "use letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 128"))
