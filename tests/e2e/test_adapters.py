@@ -120,7 +120,9 @@ def model_ids(host: TestHost) -> list[str]:
 def test_runtime_updating_adds_and_removes_adapters_without_a_restart(converged) -> None:  # type: ignore[no-untyped-def]
     deployment, _text, _state = converged
     host = deployment.pool.hosts[0]
-    live = {"vllm_allow_runtime_lora_updating": True}
+    # Runtime updating needs the API key on every listener; root's curl on the host sends it (~/.curlrc).
+    live = {"vllm_allow_runtime_lora_updating": True, "vllm_api_key": "sk-adapters-live-0123456789"}
+    host.sh("echo 'header = \"Authorization: Bearer sk-adapters-live-0123456789\"' > /root/.curlrc")
     switched = deployment.play(**live)  # a changed environment: this one restarts
     assert switched.rc == 0, switched.tail(80)
     start = host_state(host)[0]
@@ -140,8 +142,10 @@ def test_runtime_updating_adds_and_removes_adapters_without_a_restart(converged)
                      f"-d {shlex.quote(body)} http://127.0.0.1:8000/v1/chat/completions").stdout
     assert status == "404"
 
-    # Drift: an adapter loaded behind the deployer's back fails the next verification.
-    host.sh("curl -sf -H 'Content-Type: application/json' -d "
+    # Drift: an adapter loaded behind the deployer's back (by root, with the deployer's key) fails
+    # the next verification.
+    host.sh("sed -n 's/^VLLM_ADMIN_KEY=/X-Vllm-Admin-Key: /p' /etc/vllm/vllm-admin.env"
+            " | curl -sf -H @- -H 'Content-Type: application/json' -d "
             + shlex.quote(json.dumps({"lora_name": "stray", "lora_path": "/srv/vllm/adapters/alpha"}))
             + " http://127.0.0.1:8000/v1/load_lora_adapter")
     drift = deployment.play("--tags", "verify", **live)

@@ -68,6 +68,8 @@ class Beelink:
         (workdir / "inventory" / "group_vars").mkdir(exist_ok=True)
         (workdir / "inventory" / "group_vars" / "vllm_servers.yml").write_text(yaml.safe_dump(self.declaration))
         self.runs = 0
+        # The API key the service was last deployed with ("" = none).
+        self.key = ""
 
     def play(self, *args: str, playbook: str = "site.yml", **overrides: Any) -> PlayResult:
         self.runs += 1
@@ -80,16 +82,32 @@ class Beelink:
     def report(self, name: str) -> dict[str, Any]:
         return json.loads((self.workdir / "reports" / f"{name}-latest.json").read_text())[self.host.name]
 
+    def curl(self, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+             key: str | None = None, user: str = "root") -> tuple[int, str]:
+        """(status, body) of a request from inside the host, as `user`; headers (the key) travel on
+        stdin, never on a command line."""
+        key = self.key if key is None else key
+        lines = f"Authorization: Bearer {key}\n" if key else "X-No-Key: 1\n"
+        lines += "".join(f"{name}: {value}\n" for name, value in (headers or {}).items())
+        command = "curl -s -m 120 -w '\\n%{http_code}' -H @- -H 'Content-Type: application/json'"
+        if body is not None:
+            command += f" --data-binary {shlex.quote(json.dumps(body))}"
+        command += " http://127.0.0.1:8000" + path
+        out = subprocess.run(["docker", "exec", "-i", "-u", user, self.host.name, "sh", "-c", command], input=lines,
+                             capture_output=True, text=True, timeout=180, check=True).stdout
+        text, _, status = out.rpartition("\n")
+        return int(status or 0), text
+
     def answer(self, model: str, prompt: str = PROMPT, max_tokens: int = 12) -> str:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": max_tokens})
-        out = self.host.sh(f"curl -sf -H 'Content-Type: application/json' -d {shlex.quote(body)} "
-                           "http://127.0.0.1:8000/v1/chat/completions").stdout
+        status, out = self.curl("/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": max_tokens,
+                                                          "messages": [{"role": "user", "content": prompt}]})
+        assert status == 200, out
         return str(json.loads(out)["choices"][0]["message"]["content"])
 
     def models(self) -> list[str]:
-        return sorted(card["id"] for card in json.loads(
-            self.host.sh("curl -sf http://127.0.0.1:8000/v1/models").stdout)["data"])
+        status, out = self.curl("/v1/models")
+        assert status == 200, out
+        return sorted(card["id"] for card in json.loads(out)["data"])
 
     def state(self) -> tuple[str, str, str]:
         """(service start, unit, current release): unchanged by a refused or rolled-back run."""
@@ -291,9 +309,17 @@ def test_a_roll_that_cannot_drain_returns_to_the_old_release_without_a_restart(c
     assert bee.state()[0] == before[0], "the next run restarted a process that was current"
 
 
+# Runtime updating needs the API key on every listener (every client is loopback behind the proxy).
+LIVE_KEY = "sk-beelink-live-0123456789abcdef"
+
+
 def test_adapters_playbook_applies_live_without_a_restart(converged: Beelink) -> None:
     bee = converged
-    live = {"vllm_allow_runtime_lora_updating": True}
+    keyless = bee.play(vllm_allow_runtime_lora_updating=True)
+    assert keyless.rc != 0 and "vllm_allow_runtime_lora_updating" in keyless.output, keyless.tail(40)
+    assert "vllm_api_key" in keyless.output[keyless.output.find("Check the access rules"):], keyless.tail(40)
+    live = {"vllm_allow_runtime_lora_updating": True, "vllm_api_key": LIVE_KEY}
+    bee.key = LIVE_KEY
     beta = [adapter(bee.fixtures, "beta")]
     switched = bee.play(vllm_lora_adapters=beta, **live)  # a changed environment: site.yml restarts
     assert switched.rc == 0, switched.tail(80)
@@ -317,6 +343,43 @@ def test_adapters_playbook_applies_live_without_a_restart(converged: Beelink) ->
     assert f"rolled back to release {release} and verified." in refused.output, refused.tail(80)
     assert bee.current() == release and bee.state()[0] != start
     assert bee.models() == sorted([bee.model_path, "qwen2.5-7b-instruct-awq", "gamma"])
+
+
+def test_a_local_process_or_a_web_page_cannot_swap_an_adapter(converged: Beelink) -> None:
+    """Runtime updating is on (the test above). vLLM alone lets any caller unload 'gamma' and load other
+    weights under its name from any folder it can read; behind the local proxy every caller is loopback.
+    Only the deployer (its key, in a root-only file) may, and only from the role's adapter folders."""
+    bee, host = converged, converged.host
+    assert bee.key == LIVE_KEY and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1" in host.sh("cat /etc/systemd/system/vllm.service").stdout
+    hello = {"prompt": "Say hello in five words.", "max_tokens": 16}
+    before = (bee.answer("gamma", **hello), bee.models(), bee.state())  # type: ignore[arg-type]
+    # Substitute weights any local user can plant where the service can read them.
+    host.sh("install -d -m 0755 -o nobody /run/lock/evil")
+    subprocess.run(["docker", "cp", f"{bee.fixtures.adapters['beta']}/.", f"{host.name}:/run/lock/evil"], check=True,
+                   capture_output=True, timeout=60)
+    host.sh("chmod -R a+rX /run/lock/evil")
+    unload = ("/v1/unload_lora_adapter", {"lora_name": "gamma"})
+    load = ("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "/run/lock/evil"})
+    admin = host.sh("sed -n 's/^VLLM_ADMIN_KEY=//p' /etc/vllm/vllm-admin.env").stdout.strip()
+    assert len(admin) >= 32 and host.sh("stat -c '%U %a' /etc/vllm/vllm-admin.env").stdout.split() == ["root", "600"]
+    attempts = {
+        "a local user, no key": [bee.curl(*call, key="", user="nobody") for call in (unload, load)],
+        "a client's API key": [bee.curl(*call, user="nobody") for call in (unload, load)],
+        "a guessed deployer key": [bee.curl(*call, user="nobody", headers={"X-Vllm-Admin-Key": "x" * 43})
+                                   for call in (unload, load)],
+        "the deployer's key, a folder outside the role's": [bee.curl(*load, headers={"X-Vllm-Admin-Key": admin})],
+        "a web page (with the key)": [bee.curl(*call, headers={"Origin": "https://evil.example"})
+                                      for call in (unload, load)],
+    }
+    statuses = {who: [status for status, _ in answers] for who, answers in attempts.items()}
+    assert statuses == {"a local user, no key": [401, 401], "a client's API key": [403, 403],
+                        "a guessed deployer key": [403, 403],
+                        "the deployer's key, a folder outside the role's": [403],
+                        "a web page (with the key)": [403, 403]}, attempts
+    assert (bee.answer("gamma", **hello), bee.models(), bee.state()) == before  # type: ignore[arg-type]
+    page = bee.curl("/v1/models", headers={"Origin": "https://evil.example"})
+    assert page[0] == 403, page
+    host.sh("rm -rf /run/lock/evil")
 
 
 # Last: it leaves the host down, as a failed maintenance restart does by design.

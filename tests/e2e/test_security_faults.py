@@ -5,8 +5,13 @@ the last test can look for them everywhere a secret must never be: the play
 output (also at -vvv with --diff), the journal, `systemctl show`, `ps`,
 /proc/*/cmdline and every file written on the host while the module ran.
 
+Ansible reaches the host as an operator's does: over SSH, as an unprivileged
+user, with become through sudo. While every play runs, a sampler on the host
+records each process's command line (what `ps` shows), so a secret that is on
+a command line only for a second is still caught.
+
 The tests run in file order and share one host (two for the unreachable-host
-test). A test that breaks the service puts it back in a `finally`, so the
+test, a third, bare one as "another machine on the LAN" for the port scan). A test that breaks the service puts it back in a `finally`, so the
 next one starts from a healthy, verified service.
 
 """
@@ -36,6 +41,7 @@ from tests.fixtures import tinyqwen
 from tests.harness.ansible import BIN, REPO, PlayResult, parse_recap
 from tests.harness import hosts
 from tests.harness.hosts import HostPool
+from tests.harness.software import LOCAL_GROUP_VARS
 
 HOST_COUNT = 1
 
@@ -154,14 +160,15 @@ def ensure_healthy(host: hosts.TestHost) -> None:
 
 
 def request(host: hosts.TestHost, method: str, path: str, body: dict[str, Any] | None = None,
-            key: str | None = None, timeout: int = 60) -> tuple[int, str]:
+            key: str | None = None, timeout: int = 60, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """HTTP from inside the host. The key travels on stdin (curl -H @-), never on a command line."""
     command = f"curl -s -m {timeout} -o /tmp/.body -w '%{{http_code}}' -X {method} -H @- -H 'Content-Type: application/json'"
     if body is not None:
         command += f" --data-binary {shlex.quote(json.dumps(body))}"
     command += f" {URL}{path}; echo; cat /tmp/.body; rm -f /tmp/.body"
-    headers = f"Authorization: Bearer {key}\n" if key else "X-No-Key: 1\n"
-    result = subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c", command], input=headers,
+    lines = f"Authorization: Bearer {key}\n" if key else "X-No-Key: 1\n"
+    lines += "".join(f"{name}: {value}\n" for name, value in (headers or {}).items())
+    result = subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c", command], input=lines,
                             capture_output=True, text=True, timeout=timeout + 30, check=False)
     status, _, text = result.stdout.partition("\n")
     return int(status or 0), text
@@ -236,9 +243,62 @@ class ServedDirWatch:
 
 # --- fixtures --------------------------------------------------------------------------------
 
+# Every process's command line, as `ps` would show it, sampled every 50 ms.
+SAMPLER = """
+import os, time
+seen = set()
+while True:
+    new = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                    line = handle.read().replace(b"\\0", b" ").strip()
+            except OSError:
+                continue
+            if line and line not in seen:
+                seen.add(line)
+                new.append(line)
+    if new:
+        with open("/var/lib/leak-sampler/cmdlines", "ab") as handle:
+            handle.write(b"\\n".join(new) + b"\\n")
+    time.sleep(0.05)
+"""
+SAMPLES = "/var/lib/leak-sampler/cmdlines"
+
+
 @pytest.fixture(scope="module")
-def converged(deployment: Deployment) -> PlayResult:
-    """First deployment, with the API key and HF token set, at -v."""
+def over_ssh(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """sshd, a `deploy` user with a key and sudo, and the module's inventory pointed at it; the sampler runs."""
+    host = deployment.pool.hosts[0]
+    workdir = tmp_path_factory.mktemp("ssh")
+    key = workdir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    host.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server >/dev/null",
+            timeout=600)
+    host.sh("useradd -m -s /bin/bash deploy && install -d -m 0700 -o deploy -g deploy /home/deploy/.ssh "
+            "&& echo 'deploy ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/deploy && chmod 0440 /etc/sudoers.d/deploy")
+    subprocess.run(["docker", "cp", f"{key}.pub", f"{host.name}:/home/deploy/.ssh/authorized_keys"], check=True,
+                   capture_output=True, timeout=60)
+    host.sh("chown deploy:deploy /home/deploy/.ssh/authorized_keys && chmod 0600 /home/deploy/.ssh/authorized_keys "
+            "&& systemctl restart ssh")
+    host.container.reload()
+    address = str(host.container.attrs["NetworkSettings"]["IPAddress"])
+    deployment.inventory = hosts.write_inventory(
+        workdir / "inventory", [host.name], group_vars_from=LOCAL_GROUP_VARS,
+        host_vars={host.name: {"ansible_connection": "ssh", "ansible_host": address, "ansible_user": "deploy",
+                               "ansible_become_method": "sudo", "ansible_ssh_private_key_file": str(key),
+                               "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"}})
+    subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c",
+                    "install -d -m 0700 /var/lib/leak-sampler && cat > /var/lib/leak-sampler/sample.py"],
+                   input=SAMPLER, text=True, check=True, timeout=30)
+    host.sh("systemd-run --unit leak-sampler /usr/bin/python3 /var/lib/leak-sampler/sample.py")
+    return address
+
+
+@pytest.fixture(scope="module")
+def converged(deployment: Deployment, over_ssh: str) -> PlayResult:
+    """First deployment, over SSH + sudo, with the API key and HF token set, at -v."""
     host = deployment.pool.hosts[0]
     host.sh("touch /var/tmp/.security-faults-start")
     result = play(deployment, "-v")
@@ -293,6 +353,25 @@ ACCESS_CASES: list[tuple[str, dict[str, Any], list[str] | None]] = [
     ("secret in vllm_environment", {"vllm_environment": {"HF_TOKEN": HF_TOKEN}}, ["vllm_environment.HF_TOKEN", "vllm_hf_token"]),
     ("harmless vllm_environment", {"vllm_environment": {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}}, None),
     ("key an env file cannot carry", {"vllm_api_key": "two words"}, ["vllm_api_key contains whitespace"]),
+    ("runtime LoRA loading on loopback without key", {"vllm_allow_runtime_lora_updating": True},
+     ["vllm_allow_runtime_lora_updating", "set vllm_api_key", "vllm_allow_runtime_lora_updating: false"]),
+    ("runtime LoRA loading on loopback with key", {"vllm_allow_runtime_lora_updating": True, "vllm_api_key": API_KEY}, None),
+    ("VLLM_API_KEY in vllm_environment", {"vllm_environment": {"VLLM_API_KEY": API_KEY}},
+     ["vllm_environment.VLLM_API_KEY", "set vllm_api_key"]),
+    ("FORWARDED_ALLOW_IPS", {"vllm_environment": {"FORWARDED_ALLOW_IPS": "*"}},
+     ['vllm_environment.FORWARDED_ALLOW_IPS="*"', "X-Forwarded-For", "remove it"]),
+    ("VLLM_LORA_RESOLVER_CACHE_DIR", {"vllm_environment": {"VLLM_LORA_RESOLVER_CACHE_DIR": "/srv/vllm"}},
+     ['vllm_environment.VLLM_LORA_RESOLVER_CACHE_DIR="/srv/vllm"', "vllm_lora_adapters"]),
+    ("VLLM_SERVER_DEV_MODE on loopback", {"vllm_environment": {"VLLM_SERVER_DEV_MODE": "1"}},
+     ["vllm_environment.VLLM_SERVER_DEV_MODE", "/collective_rpc", "remove it"]),
+    ("VLLM_HOST_IP", {"vllm_environment": {"VLLM_HOST_IP": "0.0.0.0"}},
+     ['vllm_environment.VLLM_HOST_IP="0.0.0.0"', "internal listeners", "remove it"]),
+    ("--allowed-origins in extra args", {"vllm_extra_args": ["--allowed-origins", '["*"]']},
+     ["--allowed-origins", "vllm_allowed_origins"]),
+    ("--uds in extra args", {"vllm_extra_args": ["--uds", "/run/vllm.sock"]}, ["--uds", "the role decides the listener"]),
+    ("CORS for any origin", {"vllm_allowed_origins": ["*"]},
+     ['vllm_allowed_origins[0]="*"', "list the exact origins of the web pages that may call the API"]),
+    ("CORS for exact origins", {"vllm_allowed_origins": ["https://app.example.com", "http://127.0.0.1:3000"]}, None),
 ]
 
 
@@ -355,6 +434,11 @@ def test_unit_as_rendered_runs_verified_with_exposure_at_most_2(deployment: Depl
     with capsys.disabled():
         print(f"\n--- systemd-analyze security vllm.service (on {host.name}) ---\n{table}")
     assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{table}"
+    # The API port's proxy, the only thing the LAN reaches, is held at least as tight.
+    proxy = host.sh("systemd-analyze security vllm-proxy.service --no-pager", check=False).stdout
+    match = re.search(r"Overall exposure level for vllm-proxy\.service:\s*([0-9.]+)", proxy)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, proxy
+    assert host.sh("systemctl show vllm vllm-proxy -p PrivateNetwork --value").stdout.split() == ["yes", "yes"]
 
 
 def test_api_key_required_runtime_lora_off_no_remote_code(deployment: Deployment, converged: PlayResult) -> None:
@@ -669,6 +753,161 @@ def test_unreachable_host_mid_run_stops_cleanly_and_rerun_converges(deployment: 
     assert answer(lost, "alpha") == answer(first, "alpha")
 
 
+# --- exposure: only the API port answers from another machine --------------------------------------
+
+# Connects to every TCP port of a host; prints the open ones. Run on the peer (another container).
+SCAN = """
+import asyncio, sys
+
+async def probe(host, port, gate):
+    async with gate:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+        except (OSError, asyncio.TimeoutError):
+            return 0
+        writer.close()
+        return port
+
+async def main(host):
+    gate = asyncio.Semaphore(400)
+    found = await asyncio.gather(*(probe(host, port, gate) for port in range(1, 65536)))
+    print(" ".join(str(port) for port in found if port))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def peer(e2e_ready: None) -> Iterator[hosts.TestHost]:
+    """Another machine on the same network: a bare test host (no vLLM)."""
+    from tests.harness import image
+
+    with HostPool(image=image.build_base(), count=1, prefix="vllm-peer") as pool:
+        yield pool.hosts[0]
+
+
+def open_ports(peer_host: hosts.TestHost, address: str) -> list[int]:
+    result = subprocess.run(["docker", "exec", "-i", peer_host.name, "python3", "-", address], input=SCAN,
+                            capture_output=True, text=True, timeout=600, check=True)
+    return [int(port) for port in result.stdout.split()]
+
+
+def engine_listeners(host: hosts.TestHost) -> list[tuple[str, int]]:
+    """(address, port) of every TCP listener in the service's own network namespace, vLLM's internal
+    ones among them: /proc/PID/net/tcp{,6} of its main process (nsenter needs CAP_SYS_PTRACE)."""
+    pid = unit_state(host)["MainPID"]
+    listeners = []
+    for line in host.sh(f"cat /proc/{pid}/net/tcp /proc/{pid}/net/tcp6").stdout.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":  # LISTEN
+            address, port = fields[1].split(":")
+            listeners.append(("127.0.0.1" if address == "0100007F" else "0.0.0.0" if set(address) == {"0"}
+                              else address, int(port, 16)))
+    return listeners
+
+
+def test_only_the_api_port_answers_from_another_host(deployment: Deployment, converged: PlayResult,
+                                                    over_ssh: str, peer: hosts.TestHost) -> None:
+    host = deployment.pool.hosts[0]
+    # vLLM listens on more than its API port (torch's TCPStore, gloo, ZMQ), all inside its private network.
+    inside = engine_listeners(host)
+    assert ("127.0.0.1", 8000) in inside and len(inside) >= 3, inside
+    # torch's TCPStore listens on every interface: of its private namespace, where there is only loopback.
+    assert ("0.0.0.0", 8000) not in inside and any(address == "0.0.0.0" for address, _ in inside), inside
+    unit = host.sh("systemctl show vllm -p PrivateNetwork --value").stdout.strip()
+    assert unit == "yes"
+    # Loopback listener (the default): nothing at all answers from the LAN. (sshd's port 22 is the test's own.)
+    assert open_ports(peer, over_ssh) == [22]
+    # UDP: no socket of the host's network namespace belongs to the service.
+    udp = host.sh("ss -Hlunp").stdout
+    assert "python" not in udp and "vllm" not in udp, udp
+
+    # Listening on the LAN (with a key): the API port, and only it.
+    result = play(deployment, vllm_listen_host="0.0.0.0")
+    assert result.rc == 0, result.tail(80)
+    try:
+        assert open_ports(peer, over_ssh) == [22, 8000]
+        assert len(engine_listeners(host)) >= 3
+        # From the peer, through the proxy: the key is asked for and an adapter answers.
+        status = peer.sh(f"curl -s -o /dev/null -w '%{{http_code}}' -m 10 http://{over_ssh}:8000/v1/models",
+                         check=False).stdout
+        assert status == "401", status
+        command = (f"curl -s -m 60 -H @- -H 'Content-Type: application/json' --data-binary "
+                   f"{shlex.quote(json.dumps(chat_body('alpha')))} http://{over_ssh}:8000/v1/chat/completions")
+        out = subprocess.run(["docker", "exec", "-i", peer.name, "sh", "-c", command],
+                             input=f"Authorization: Bearer {API_KEY}\n", capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        assert json.loads(out)["model"] == "alpha", out
+    finally:
+        back = play(deployment)
+        assert back.rc == 0, back.tail(80)
+    assert open_ports(peer, over_ssh) == [22]
+
+
+def test_a_web_page_cannot_call_the_api(deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    evil = {"Origin": "https://evil.example"}
+    # A browser's preflight, and a POST it would send (with a key the page somehow had).
+    status, text = request(host, "OPTIONS", "/v1/chat/completions",
+                           headers={**evil, "Access-Control-Request-Method": "POST"})
+    assert status == 403, text
+    status, text = request(host, "POST", "/v1/chat/completions", chat_body("alpha"), key=API_KEY, headers=evil)
+    assert status == 403, text
+    # A page served from the host itself is no better.
+    status, _ = request(host, "POST", "/v1/chat/completions", chat_body("alpha"), key=API_KEY,
+                        headers={"Origin": "http://127.0.0.1:8000"})
+    assert status == 403
+    # vLLM's own CORS is closed too (its default is every origin).
+    exec_start = next(line for line in host.sh(f"cat {UNIT}").stdout.splitlines() if line.startswith("ExecStart="))
+    assert "--allowed-origins '[]'" in exec_start or '--allowed-origins "[]"' in exec_start, exec_start
+    # A client that is not a browser sends no Origin: served.
+    assert answer(host, "alpha") != answer(host, "tiny-qwen2")
+
+
+# The hub: a stand-in on the host that records what it was sent and has no such repository.
+FAKE_HUB = """
+import hashlib, http.server, json
+class Hub(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open("/var/lib/fake-hub/requests", "a") as log:
+            log.write(json.dumps({"path": self.path, "authorization_sha256":
+                hashlib.sha256(self.headers.get("Authorization", "").encode()).hexdigest()}) + "\\n")
+        body = b'{"error": "Repository not found"}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_HEAD = do_GET
+http.server.HTTPServer(("127.0.0.1", 18080), Hub).serve_forever()
+"""
+
+
+def test_the_hub_token_reaches_the_download_through_a_file_not_a_command_line(
+        deployment: Deployment, converged: PlayResult) -> None:
+    host = deployment.pool.hosts[0]
+    subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c",
+                    "install -d -m 0700 /var/lib/fake-hub && cat > /var/lib/fake-hub/hub.py"],
+                   input=FAKE_HUB, text=True, check=True, timeout=30)
+    host.sh("systemd-run --unit fake-hub /usr/bin/python3 /var/lib/fake-hub/hub.py")
+    before = snapshot(host)
+    try:
+        hubbed = {"name": "hubbed", "source": "hf", "repo_id": "acme/hubbed", "revision": "a" * 40}
+        result = play(deployment, vllm_hf_endpoint="http://127.0.0.1:18080",
+                      vllm_lora_adapters=[*declaration_vars(deployment.fixtures)["vllm_lora_adapters"], hubbed])
+        assert result.rc != 0 and "Download into a partial directory" in result.output, result.tail(60)
+        requests = [json.loads(line) for line in host.sh("cat /var/lib/fake-hub/requests").stdout.splitlines()]
+        sent = hashlib.sha256(f"Bearer {HF_TOKEN}".encode()).hexdigest()  # the stand-in keeps no secret
+        assert requests and all(entry["authorization_sha256"] == sent for entry in requests), requests
+        assert "acme/hubbed" in requests[0]["path"] and "a" * 40 in requests[0]["path"], requests
+        assert host.sh("stat -c '%U %G %a' /etc/vllm/hf-token").stdout.split() == ["root", "root", "600"]
+        assert HF_TOKEN not in host.sh(f"cat {ENV_FILE}").stdout, "the service does not need the hub token"
+        assert snapshot(host)["MainPID"] == before["MainPID"] and health(host) == 200
+    finally:
+        host.sh("systemctl stop fake-hub", check=False)
+
+
 # --- secrets: last, so every run above is covered ----------------------------------------------------
 
 def test_secrets_never_leak(deployment: Deployment, converged: PlayResult) -> None:
@@ -699,6 +938,12 @@ def test_secrets_never_leak(deployment: Deployment, converged: PlayResult) -> No
     look("the journal", host.sh("journalctl --no-pager -o verbose --all", timeout=300).stdout)
     look("systemctl show", host.sh("systemctl show vllm --all; systemctl show; systemctl cat vllm").stdout)
     look("ps auxww", host.sh("ps auxww").stdout)
+    host.sh("systemctl stop leak-sampler")
+    sampled = host.sh(f"cat {SAMPLES}").stdout
+    # The sampler ran while the plays did: it saw sudo start Ansible's modules and the hub download.
+    assert "sudo" in sampled and "BECOME-SUCCESS" in sampled, sampled[:2000]
+    assert "snapshot_download" in sampled, "the sampler never saw the hub download run"
+    look("command lines sampled during every play (ps)", sampled)
     look("/proc/*/cmdline", host.sh("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done",
                                     check=False).stdout)
     # Files written on the host while this module ran: only the 0600 environment file may hold a secret.
@@ -710,9 +955,10 @@ def test_secrets_never_leak(deployment: Deployment, converged: PlayResult) -> No
         f"-e {shlex.quote(HF_TOKEN)} 2>/dev/null | sort -u", check=False, timeout=600).stdout.split()
     env = host.sh(f"stat -c '%U %G %a' {ENV_FILE}; cat {ENV_FILE}").stdout
     assert env.splitlines()[0] == "root root 600"
-    assert f"VLLM_API_KEY={ROTATED_API_KEY}" in env and f"HF_TOKEN={HF_TOKEN}" in env and API_KEY not in env
+    assert f"VLLM_API_KEY={ROTATED_API_KEY}" in env and HF_TOKEN not in env and API_KEY not in env
     # The running service's environment holds the key; only root and the service user may read it.
     pid = unit_state(host)["MainPID"]
     assert host.sh(f"runuser -u nobody -- cat /proc/{pid}/environ", check=False).returncode != 0
     assert not leaks, "\n".join(leaks)
-    assert holders == [ENV_FILE], f"files holding a secret: {holders}"
+    assert host.sh("stat -c '%U %G %a' /etc/vllm/hf-token").stdout.split() == ["root", "root", "600"]
+    assert holders == sorted([ENV_FILE, "/etc/vllm/hf-token"]), f"files holding a secret: {holders}"

@@ -6,8 +6,9 @@ import json
 import shlex
 
 import pytest
+import yaml
 
-from tests.unit.loader import load
+from tests.unit.loader import REPO, load
 
 filters = load("roles/vllm/filter_plugins/vllm.py", "vllm_filters")
 
@@ -96,6 +97,18 @@ def test_declaration_errors_name_variable_and_value(over: dict[str, object], nee
     assert any(needle in error for error in errors), errors
 
 
+@pytest.mark.parametrize("over, needle", [
+    ({"adapters": [{"name": "alpha\n", "source": "controller", "path": "/data/alpha"}]},
+     "vllm_lora_adapters[0].name='alpha\\n'"),
+    ({"model": {"name": "tiny\n", "source": "controller", "path": "/data/tiny"}}, "vllm_model.name='tiny\\n'"),
+    ({"served_names": ["tiny\n"]}, "vllm_served_model_names: 'tiny\\n'"),
+])
+def test_names_with_a_trailing_newline_are_refused(over: dict[str, object], needle: str) -> None:
+    """`$` also matches before a final newline: such a name would split the unit's ExecStart."""
+    errors = filters.vllm_declaration_errors(declaration(**over))
+    assert any(needle in error for error in errors), errors
+
+
 def test_artifacts_and_adapter_targets() -> None:
     items = filters.vllm_artifacts(
         {"name": "m", "source": "host", "path": "/models/m"}, "/models/m",
@@ -139,6 +152,17 @@ def test_sandbox_gpu_devices_only() -> None:
     lines = filters.vllm_unit_sandbox([], "cuda", ["/dev/nvidiactl", "char-nvidia-frontend"])
     assert "PrivateDevices=yes" not in lines
     assert lines[-3:] == ["DevicePolicy=closed", "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=char-nvidia-frontend rw"]
+
+
+def test_default_gpu_devices_leave_out_the_uvm_profiling_node() -> None:
+    """/dev/nvidia-uvm-tools is CUDA's profiling interface (CUPTI), not needed to serve."""
+    defaults = yaml.safe_load((REPO / "roles/vllm/defaults/main.yml").read_text())
+    allowed = defaults["vllm_gpu_device_allow"]
+    assert "/dev/nvidiactl" in allowed and "/dev/nvidia-uvm" in allowed
+    assert not [node for node in allowed if "nvidia-uvm-tools" in node]
+    lines = filters.vllm_unit_sandbox([], "cuda", allowed)
+    assert "DeviceAllow=/dev/nvidia-uvm rw" in lines
+    assert not [line for line in lines if "nvidia-uvm-tools" in line]
 
 
 @pytest.mark.parametrize("path, quoted", [
@@ -191,3 +215,34 @@ def test_folders_leading_to_an_adopted_one_under_home_are_0755_tmpfs() -> None:
         in lines
     assert "UMask=0077" in lines
     assert not [line for line in filters.vllm_unit_sandbox(["/mnt/x/y"], "cpu", []) if "TemporaryFileSystem" in line]
+
+
+# --- the API port: a socket unit on vllm_listen_host, vLLM in its own network namespace ----------
+
+@pytest.mark.parametrize("host, port, stream", [
+    ("127.0.0.1", 8000, "127.0.0.1:8000"), ("localhost", "8000", "127.0.0.1:8000"), ("0.0.0.0", 80, "0.0.0.0:80"),
+    ("::", 8000, "[::]:8000"), ("[::1]", 8000, "[::1]:8000"), ("192.168.1.20", 8001, "192.168.1.20:8001"),
+])
+def test_listen_stream_is_an_address(host: str, port: object, stream: str) -> None:
+    assert filters.vllm_listen_stream(host, port) == stream
+
+
+@pytest.mark.parametrize("host", ["beelink.lan", "", "127.0.0.1\n", "0.0.0.0:8000"])
+def test_a_listen_host_that_is_no_address_is_refused_by_name(host: str) -> None:
+    with pytest.raises(ValueError):
+        filters.vllm_listen_stream(host, 8000)
+    errors = filters.vllm_declaration_errors(declaration(listen_host=host))
+    assert any(error.startswith(f"vllm_listen_host={host!r} is not an IP address") for error in errors), errors
+    assert filters.vllm_declaration_errors(declaration(listen_host="::")) == []
+
+
+def test_the_engine_listens_in_its_private_network_and_cors_is_closed() -> None:
+    """vLLM's internal listeners (TCPStore on every interface, gloo, ZMQ) must not reach the host's network."""
+    for device in ("cpu", "cuda"):
+        assert "PrivateNetwork=yes" in filters.vllm_unit_sandbox([], device, ["/dev/nvidiactl"])
+    settings = {"model_path": "/m", "served_names": ["m"], "host": "127.0.0.1", "port": 8000, "max_model_len": 512,
+                "dtype": "auto", "device": "cpu", "allowed_origins": []}
+    argv = filters.vllm_serve_args(settings)
+    assert argv[argv.index("--allowed-origins") + 1] == "[]"
+    argv = filters.vllm_serve_args({**settings, "allowed_origins": ["https://chat.example.org"]})
+    assert json.loads(argv[argv.index("--allowed-origins") + 1]) == ["https://chat.example.org"]

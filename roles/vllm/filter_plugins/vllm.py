@@ -6,6 +6,7 @@ Kept here, in plain typed Python, so the flags are unit-tested without a host.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Any
@@ -15,7 +16,8 @@ ALLOWED_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 LORA_DTYPES = ("auto", "float16", "bfloat16")
 # An adapter name ends up in a URL path, a JSON value, a directory name and a
 # systemd command line: keep it to characters that are safe in all four.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Used with fullmatch: `$` with match would also accept a trailing newline.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def vllm_lora_modules(adapters: list[dict[str, Any]], base_model_name: str) -> list[str]:
@@ -99,6 +101,9 @@ def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
     args: list[str] = [str(settings["model_path"])]
     args += ["--served-model-name", *served_names]
     args += ["--host", str(settings["host"]), "--port", str(settings["port"])]
+    if "allowed_origins" in settings:
+        # vLLM's CORS default is every origin ("*"); the list is JSON on its command line.
+        args += ["--allowed-origins", json.dumps(list(settings["allowed_origins"] or []), separators=(",", ":"))]
     args += ["--max-model-len", str(settings["max_model_len"])]
     args += ["--dtype", str(settings["dtype"])]
     if settings.get("device", "cuda") == "cuda":
@@ -121,6 +126,27 @@ def vllm_serve_args(settings: dict[str, Any]) -> list[str]:
         args += ["--middleware", str(middleware)]
     args += [str(arg) for arg in settings.get("extra_args") or []]
     return args
+
+
+def _listen_ip(host: str) -> str:
+    """The address a listen host names, or "" when it is not an IP address."""
+    bare = str(host)
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = bare[1:-1]
+    if bare == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        return ""
+
+
+def vllm_listen_stream(host: str, port: int | str) -> str:
+    """ListenStream= of the API port's socket unit: systemd takes addresses, not names."""
+    address = _listen_ip(host)
+    if not address:
+        raise ValueError(f"vllm_listen_host={host!r} is not an IP address")
+    return f"[{address}]:{int(port)}" if ":" in address else f"{address}:{int(port)}"
 
 
 def vllm_without_lora_modules(argv: list[str]) -> list[str]:
@@ -209,6 +235,10 @@ SANDBOX_COMMON = (
     "ProtectControlGroups=yes",
     "ProtectClock=yes",
     "ProtectHostname=yes",
+    # vLLM's engine listens on more than the API port (torch.distributed's TCPStore
+    # on every interface, gloo and ZMQ): in a network namespace of its own they
+    # reach nobody. The API port comes in through the proxy socket unit.
+    "PrivateNetwork=yes",
     "ProtectProc=invisible",
     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     "RestrictNamespaces=yes",
@@ -331,7 +361,7 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
                 f"vllm_model.revision={model.get('revision')!r}: source 'hf' needs a pinned 40-hex commit id, "
                 "not a branch or tag, so every host serves the same weights."
             )
-    if not SAFE_NAME.match(str(model.get("name") or "")):
+    if not SAFE_NAME.fullmatch(str(model.get("name") or "")):
         errors.append(
             f"vllm_model.name={model.get('name')!r}: use letters, digits, '.', '_' or '-' (it becomes a directory name)."
         )
@@ -339,7 +369,7 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
     for index, adapter in enumerate(adapters):
         name = str(adapter.get("name") or "")
         where = f"vllm_lora_adapters[{index}]"
-        if not SAFE_NAME.match(name):
+        if not SAFE_NAME.fullmatch(name):
             errors.append(
                 f"{where}.name={name!r}: an adapter name must be 1-128 of letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit (it is used in URLs, paths and the unit's command line)."
@@ -370,6 +400,12 @@ def vllm_declaration_errors(declaration: dict[str, Any]) -> list[str]:
         errors.append(
             f"vllm_max_cpu_loras={max_cpu_loras} is below vllm_max_loras={max_loras}: vLLM refuses to start; "
             "set it >= vllm_max_loras or 0 for the default."
+        )
+    listen_host = declaration.get("listen_host")
+    if listen_host is not None and not _listen_ip(str(listen_host)):
+        errors.append(
+            f"vllm_listen_host={listen_host!r} is not an IP address: the API port is a systemd socket, which binds"
+            " addresses, not names. Fix: 127.0.0.1 (this host only), the host's LAN address, or 0.0.0.0 / '::' (all)."
         )
     keep = int(declaration.get("keep_releases", 3))
     if keep < 2:
@@ -402,4 +438,5 @@ class FilterModule:
             "vllm_declaration_errors": vllm_declaration_errors,
             "vllm_unit_sandbox": vllm_unit_sandbox,
             "vllm_argv_changes": vllm_argv_changes,
+            "vllm_listen_stream": vllm_listen_stream,
         }

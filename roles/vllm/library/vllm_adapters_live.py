@@ -19,6 +19,11 @@ options:
   api_key:
     type: str
     no_log: true
+  admin_key_file:
+    description: The host's root-only file holding C(VLLM_ADMIN_KEY=...), the deployer's key the
+      shipped access guard asks of the adapter endpoints (sent as C(X-Vllm-Admin-Key)); read here,
+      on the host, so the key never travels.
+    type: path
   adapters:
     description: Declared adapters, [{name, path}] (paths on the host).
     type: list
@@ -72,12 +77,27 @@ def plan(served: List[str], declared: List[str], changed: List[str]) -> Tuple[Li
     return unload, load
 
 
-def call(url: str, api_key: Optional[str], method: str, path: str, body: Optional[Dict[str, Any]], timeout: int) -> Tuple[int, str]:
+def admin_key(path: Optional[str]) -> str:
+    """VLLM_ADMIN_KEY from the environment file the role made on the host ("" without one)."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            name, _, value = line.strip().partition("=")
+            if name == "VLLM_ADMIN_KEY":
+                return value
+    return ""
+
+
+def call(url: str, api_key: Optional[str], method: str, path: str, body: Optional[Dict[str, Any]], timeout: int,
+         admin: str = "") -> Tuple[int, str]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
+    if admin:
+        request.add_header("X-Vllm-Admin-Key", admin)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode(errors="replace")
@@ -90,6 +110,7 @@ def main() -> None:
         argument_spec={
             "url": {"type": "str", "required": True},
             "api_key": {"type": "str", "no_log": True},
+            "admin_key_file": {"type": "path"},
             "adapters": {"type": "list", "elements": "dict", "required": True},
             "changed_names": {"type": "list", "elements": "str", "default": []},
             "timeout": {"type": "int", "default": 120},
@@ -107,14 +128,15 @@ def main() -> None:
     unload, load = plan(served, list(paths), params["changed_names"])
     if module.check_mode or not (unload or load):
         module.exit_json(changed=bool(unload or load), loaded=load, unloaded=unload)
+    admin = admin_key(params["admin_key_file"])
     for name in unload:
         status, text = call(params["url"], params["api_key"], "POST", "/v1/unload_lora_adapter",
-                            {"lora_name": name}, params["timeout"])
+                            {"lora_name": name}, params["timeout"], admin)
         if status != 200:
             module.fail_json(msg=f"unloading adapter '{name}' answered {status}: {text[:300]}")
     for name in load:
         status, text = call(params["url"], params["api_key"], "POST", "/v1/load_lora_adapter",
-                            {"lora_name": name, "lora_path": paths[name]}, params["timeout"])
+                            {"lora_name": name, "lora_path": paths[name]}, params["timeout"], admin)
         if status != 200:
             module.fail_json(msg=f"loading adapter '{name}' from {paths[name]} answered {status}: {text[:300]}. "
                                  "Is VLLM_ALLOW_RUNTIME_LORA_UPDATING set (vllm_allow_runtime_lora_updating)?")
