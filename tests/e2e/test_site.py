@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,22 @@ def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment
     restart = report["hosts"][host.name]
     assert restart["old_release"] == restart["new_release"] == release_after and restart["verified"] is True
     assert not lock.exists()
+
+
+def test_a_reboot_brings_the_api_port_back(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    """Power loss, a kernel update, the driver role's reboot: the service and its API port socket must both
+    come back, in order (a socket ordered after the service but before sockets.target made an ordering
+    cycle that systemd broke at boot by dropping one of them)."""
+    host = deployment.pool.hosts[0]
+    verify = host.sh("systemd-analyze verify default.target 2>&1", check=False).stdout
+    assert "cycle" not in verify, verify
+    host.container.restart(timeout=60)
+    assert host.system_state() in ("running", "degraded")
+    for _ in range(90):
+        if host.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 http://127.0.0.1:8000/health", check=False).stdout == "200":
+            break
+        time.sleep(2)
+    boot = host.sh("journalctl -b -o cat --no-pager _PID=1").stdout
+    assert "ordering cycle" not in boot, [line for line in boot.splitlines() if "cycle" in line]
+    assert host.sh("systemctl is-active vllm vllm-proxy.socket").stdout.split() == ["active", "active"]
+    assert answer(host, model="alpha") != answer(host, model="tiny-qwen2")

@@ -21,7 +21,7 @@ access = load("roles/vllm/filter_plugins/vllm_access.py", "vllm_access_filters")
 API_KEY = "sk-unitkey-6f1d0c9a7e"
 HF_TOKEN = "hf_unittoken8b3e2a41d7"
 SETTINGS = ("listen_host", "api_key", "hf_token", "allow_unauthenticated_network", "allow_runtime_lora_updating",
-            "trust_remote_code", "extra_args", "environment", "allowed_origins")
+            "trust_remote_code", "extra_args", "environment", "allowed_origins", "hf_endpoint")
 DEFAULTS: dict[str, Any] = yaml.safe_load((REPO / "roles/vllm/defaults/main.yml").read_text())
 
 
@@ -101,6 +101,12 @@ CASES: list[tuple[str, dict[str, Any], list[str] | None]] = [
     ("HUGGING_FACE_HUB_TOKEN", {"vllm_environment": {"HUGGING_FACE_HUB_TOKEN": HF_TOKEN}},
      ["vllm_environment.HUGGING_FACE_HUB_TOKEN", "set vllm_hf_token"]),
     ("VLLM_API_KEY", {"vllm_environment": {"VLLM_API_KEY": API_KEY}}, ["vllm_environment.VLLM_API_KEY", "set vllm_api_key"]),
+    ("--config in extra args", {"vllm_extra_args": ["--config", "/etc/x.yaml"]}, ["--config", "role's variables"]),
+    ("--conf= prefix in extra args", {"vllm_extra_args": ["--conf=/etc/x.yaml"]}, ["--config"]),
+    ("hub mirror over http", {"vllm_hf_endpoint": "http://mirror.lan"}, ['vllm_hf_endpoint="http://mirror.lan"', "https://"]),
+    ("hub mirror over https", {"vllm_hf_endpoint": "https://hub.mirror.lan:8443/hf"}, None),
+    ("stand-in hub on the host itself", {"vllm_hf_endpoint": "http://127.0.0.1:18080"}, None),
+    ("hub mirror with credentials", {"vllm_hf_endpoint": "https://u:p@mirror.lan"}, ["vllm_hf_endpoint", "user:password"]),
     ("VLLM_ADMIN_KEY", {"vllm_environment": {"VLLM_ADMIN_KEY": API_KEY}},
      ["vllm_environment.VLLM_ADMIN_KEY", "makes this key on the host itself"]),
     ("OPENAI_API_KEY", {"vllm_environment": {"OPENAI_API_KEY": API_KEY}},

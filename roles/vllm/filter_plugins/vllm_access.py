@@ -155,6 +155,12 @@ def _extra_args_errors(flags: list[str], trust_remote_code: bool) -> list[str]:
             " the address this check approved. Fix: remove it; the role decides the listener"
             " (vllm_listen_host / vllm_port)."
         )
+    if _given_as(flags, "--config"):
+        errors.append(
+            "vllm_extra_args contains --config (or a prefix of it): a YAML file of vllm serve options could set"
+            " the listener, the API key, CORS or middlewares past every check here. Fix: remove it and declare"
+            " the settings with the role's variables (or as separate vllm_extra_args words)."
+        )
     cors_flags = _given_as(flags, *CORS_OPTIONS)
     if cors_flags:
         errors.append(
@@ -225,12 +231,28 @@ def _origin_errors(origins: Iterable[Any]) -> list[str]:
     return errors
 
 
+def _hf_endpoint_errors(endpoint: str) -> list[str]:
+    """The hub (mirror) the token is sent to: over TLS, or to this host itself; no credentials in the URL
+    (the endpoint is in the download task's environment, which is on the remote command line)."""
+    if not endpoint:
+        return []
+    match = re.fullmatch(r"(?P<scheme>https?)://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[^\s@]*)?", endpoint)
+    host = (match.group("host").strip("[]") if match else "")
+    if match is None or (match.group("scheme") == "http" and not _is_loopback(host)):
+        return [
+            f"vllm_hf_endpoint={json.dumps(endpoint)}: the hub token is sent there. Fix: an https:// URL of the hub"
+            " mirror, without user:password (http:// only to this host itself, e.g. a local tunnel), or \"\" for"
+            " huggingface.co."
+        ]
+    return []
+
+
 def vllm_access_errors(settings: dict[str, Any]) -> list[str]:
     """Every broken access rule, one message each. Empty list: fine.
 
     Keys: listen_host, api_key, hf_token, allow_unauthenticated_network,
     allow_runtime_lora_updating, trust_remote_code, extra_args, environment,
-    allowed_origins.
+    allowed_origins, hf_endpoint.
     """
     host = _text(settings.get("listen_host"))
     api_key = _text(settings.get("api_key"))
@@ -257,6 +279,7 @@ def vllm_access_errors(settings: dict[str, Any]) -> list[str]:
             " would not carry it verbatim. Fix: paste the token exactly as the hub shows it."
         )
     errors += _origin_errors(settings.get("allowed_origins") or [])
+    errors += _hf_endpoint_errors(_text(settings.get("hf_endpoint")))
     return errors
 
 

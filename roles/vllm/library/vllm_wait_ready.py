@@ -35,6 +35,11 @@ options:
       - 0 after a start or restart by hand or by Ansible, which resets systemd's count (seen on systemd 252).
     type: int
     default: 0
+  socket:
+    description: The socket unit that must hold the API port (the role's C(<service>-proxy.socket)); an
+      answer while it is not active comes from another process and fails the wait.
+    type: str
+    default: ""
   poll:
     description: Seconds between two looks at /health and the unit; every second of it can add to a host's time out of service.
     type: float
@@ -79,9 +84,21 @@ from typing import Dict
 from ansible.module_utils.basic import AnsibleModule
 
 
+def socket_problem(socket: str, state: Dict[str, str]) -> str:
+    """Why an answer on the API port is not the service's own ("" when it is): the port must be held by
+    the service's socket unit, else another process (an old `vllm serve`, units under an old name, a local
+    user who bound the port while the service restarted) answered, and would be verified in its place."""
+    if state.get("ActiveState") in ("active", "reloading") or state.get("LoadState") == "not-found":
+        return ""  # not-found: a release made before the socket units listens itself
+    return (f"the API port answered, but {socket} is {state.get('ActiveState', '?')}/{state.get('SubState', '?')}"
+            f" (result {state.get('Result', '?')}): another process holds the port. Find it with"
+            " `ss -ltnp`, stop it, and run the play again")
+
+
 def unit_state(service: str) -> Dict[str, str]:
     out = subprocess.run(
-        ["systemctl", "show", service, "-p", "ActiveState,SubState,NRestarts,ActiveEnterTimestampMonotonic,Result"],
+        ["systemctl", "show", service, "-p",
+         "LoadState,ActiveState,SubState,NRestarts,ActiveEnterTimestampMonotonic,Result"],
         capture_output=True, text=True, check=False,
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -119,6 +136,7 @@ def main() -> None:
             "bound": {"type": "int", "default": 900},
             "restarts_baseline": {"type": "int", "default": 0},
             "poll": {"type": "float", "default": 0.25},
+            "socket": {"type": "str", "default": ""},
         },
         supports_check_mode=True,
     )
@@ -129,6 +147,11 @@ def main() -> None:
         status = health(url)
         state = unit_state(service)
         elapsed = since_active(state)
+        problem = socket_problem(module.params["socket"], unit_state(module.params["socket"])) \
+            if status == 200 and module.params["socket"] else ""
+        if problem:
+            module.exit_json(changed=False, ready=False, crashed=True, elapsed=elapsed,
+                             msg=f"{service}: {problem}; its journal:\n{journal_tail(module.params['socket'])}")
         if status == 200:
             module.exit_json(changed=False, ready=True, crashed=False, elapsed=elapsed,
                              msg=f"{service} ready, {elapsed:.0f}s after it started")
