@@ -27,17 +27,14 @@ import textwrap
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
-from unittest import mock
 
 import numpy as np
 from numpy.typing import NDArray
 import pytest
-from ansible.module_utils import _internal as ansible_internal
-from ansible.module_utils.common import warnings as ansible_warnings
-from ansible.module_utils.testing import patch_module_args
 from safetensors.numpy import save_file
 
 from tests.fixtures import tinyqwen as tq
+from tests.unit.modules import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 UTILS_PATH = ROOT / "roles" / "vllm" / "module_utils" / "vllm_adapters.py"
@@ -852,21 +849,8 @@ def test_code_is_python_3_9_and_standard_library_only(path: Path) -> None:
 
 # --- the Ansible module -------------------------------------------------------
 def run_module(args: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    """Run main() as Ansible would; returns (exit code, result JSON).
-
-    Once any test imports controller-side ansible, module warnings go to the
-    controller's Display instead of the result: act as a module process does.
-    Warnings are process-global: start empty and leave none for other tests.
-    """
-    with patch_module_args(args), pytest.raises(SystemExit) as exit_info, \
-            mock.patch.object(ansible_internal, "is_controller", False), \
-            mock.patch.dict(ansible_warnings._global_warnings, clear=True), \
-            mock.patch.dict(ansible_warnings._global_deprecations, clear=True):
-        mod.main()
-    code = exit_info.value.code
-    assert isinstance(code, int)
-    result: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return code, result
+    """Run main() as Ansible would; returns (exit code, result JSON)."""
+    return run_main(mod.main, args, capsys)
 
 
 def module_args(tiny: tq.Fixtures, adapters: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:

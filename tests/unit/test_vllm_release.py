@@ -16,11 +16,9 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from ansible.module_utils import _internal as ansible_internal
-from ansible.module_utils.common import warnings as ansible_warnings
-from ansible.module_utils.testing import patch_module_args
 
 from tests.unit.loader import load
+from tests.unit.modules import run_main
 
 load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")  # what the module imports
 release = load("roles/vllm/library/vllm_release.py")
@@ -52,15 +50,7 @@ def history(software_dir: Path) -> list[str]:
 
 def run(capsys: pytest.CaptureFixture[str], **args: Any) -> tuple[int, dict[str, Any]]:
     """main() as Ansible runs it; (exit code, result JSON)."""
-    with patch_module_args(args), pytest.raises(SystemExit) as exit_info, \
-            mock.patch.object(ansible_internal, "is_controller", False), \
-            mock.patch.dict(ansible_warnings._global_warnings, clear=True), \
-            mock.patch.dict(ansible_warnings._global_deprecations, clear=True):
-        release.main()
-    code = exit_info.value.code
-    assert isinstance(code, int)
-    result: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return code, result
+    return run_main(release.main, args, capsys)
 
 
 VENVS = {A: ("sw1", ["alpha"]), B: ("sw2", ["beta"]), C: ("sw3", ["gamma"])}
