@@ -265,6 +265,8 @@ while True:
     time.sleep(0.05)
 """
 SAMPLES = "/var/lib/leak-sampler/cmdlines"
+# Where a file Ansible transfers lands first: the SSH user's remote tmp (root's for docker exec).
+REMOTE_TMPS = "/home/deploy/.ansible/tmp /root/.ansible/tmp"
 
 
 @pytest.fixture(scope="module")
@@ -655,7 +657,8 @@ def test_interrupted_copy_is_finished_by_the_next_run_and_never_served_partial(
         partial = 0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and run.running():
-            sizes = host.sh("find /root/.ansible/tmp -type f -name '.source*' -printf '%s\\n' 2>/dev/null",
+            # The SSH user's remote tmp (sftp writes `source` in place; docker cp wrote `.source*`).
+            sizes = host.sh(f"find {REMOTE_TMPS} -type f -name '*source*' -printf '%s\\n' 2>/dev/null",
                             check=False).stdout.split()
             growing = [int(size) for size in sizes if 0 < int(size) < total]
             if growing:
@@ -670,7 +673,7 @@ def test_interrupted_copy_is_finished_by_the_next_run_and_never_served_partial(
         served = host.sh(f"ls -A {SERVED_MODEL}").stdout.split()
         assert "padding.dat" not in served, served
         assert unit_state(host)["MainPID"] == before["MainPID"] and health(host) == 200
-        leftovers = host.sh("find /root/.ansible/tmp -type f -printf '%p %s\\n' 2>/dev/null", check=False).stdout
+        leftovers = host.sh(f"find {REMOTE_TMPS} -type f -printf '%p %s\\n' 2>/dev/null", check=False).stdout
         print(f"[left in the remote tmp by the killed run: {leftovers.strip() or 'nothing'}]")
 
         rerun = play(deployment, vllm_model=big_model["vllm_model"])
@@ -722,8 +725,15 @@ def test_restart_is_not_lost_when_the_play_is_killed_after_the_change(
 # --- a host lost in the middle of a run --------------------------------------------------------------
 
 def test_unreachable_host_mid_run_stops_cleanly_and_rerun_converges(deployment: Deployment, pair: Deployment) -> None:
-    # Free the shared CPUs: this test starts vLLM on two more hosts.
+    # Free the shared CPUs: this test starts vLLM on two more hosts (the module's host is started again after).
     deployment.pool.hosts[0].sh("systemctl stop vllm", check=False, timeout=120)
+    try:
+        lose_a_host_and_rerun(pair)
+    finally:
+        ensure_healthy(deployment.pool.hosts[0])
+
+
+def lose_a_host_and_rerun(pair: Deployment) -> None:
     first, lost = pair.pool.hosts
     run = start_play(pair)
     try:
