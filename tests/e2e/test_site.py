@@ -193,7 +193,7 @@ def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment
     assert not lock.exists()
 
 
-def test_a_reboot_brings_the_api_port_back(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+def test_a_reboot_brings_the_api_port_back_and_crashes_spend_one_start(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
     """Power loss, a kernel update, the driver role's reboot: the service and its API port socket must both
     come back, in order (a socket ordered after the service but before sockets.target made an ordering
     cycle that systemd broke at boot by dropping one of them)."""
@@ -210,3 +210,25 @@ def test_a_reboot_brings_the_api_port_back(deployment: Deployment, first_run) ->
     assert "ordering cycle" not in boot, [line for line in boot.splitlines() if "cycle" in line]
     assert host.sh("systemctl is-active vllm vllm-proxy.socket").stdout.split() == ["active", "active"]
     assert answer(host, model="alpha") != answer(host, model="tiny-qwen2")
+
+    # A fresh boot, a fresh start-limit budget (5 starts in 10 min): the boot's start, one crash of the API
+    # server (its engine child still alive) and three restarts by hand fit in it. With the socket bound to the
+    # service (BindsTo=), the crash spent two starts and the third restart was refused.
+    host.sh("kill -KILL $(systemctl show vllm -p MainPID --value)")
+    for _ in range(60):
+        if host.sh("systemctl show vllm -p NRestarts --value").stdout.strip() == "1":
+            break
+        time.sleep(1)
+    for attempt in range(3):
+        restarted = host.sh("systemctl restart vllm", check=False)
+        assert restarted.returncode == 0, f"restart {attempt + 1} after one crash: {restarted.stderr}"
+    for _ in range(90):
+        if host.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 http://127.0.0.1:8000/health", check=False).stdout == "200":
+            break
+        time.sleep(2)
+    assert answer(host, model="alpha") != answer(host, model="tiny-qwen2")
+    # Stopped: the port refuses connections (the socket stops with the service), and nothing starts it again.
+    host.sh("systemctl stop vllm")
+    assert host.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 http://127.0.0.1:8000/health", check=False).stdout == "000"
+    assert host.sh("systemctl is-active vllm vllm-proxy.socket", check=False).stdout.split() == ["inactive", "inactive"]
+    host.sh("systemctl start vllm")
