@@ -231,4 +231,6 @@ def test_a_reboot_brings_the_api_port_back_and_crashes_spend_one_start(deploymen
     host.sh("systemctl stop vllm")
     assert host.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 http://127.0.0.1:8000/health", check=False).stdout == "000"
     assert host.sh("systemctl is-active vllm vllm-proxy.socket", check=False).stdout.split() == ["inactive", "inactive"]
-    host.sh("systemctl start vllm")
+    # The budget is spent (boot, crash, three restarts): a sixth start in 10 minutes is refused, as it must be.
+    refused = host.sh("systemctl start vllm", check=False)
+    assert refused.returncode != 0 and "too often" in refused.stderr, refused.stderr
