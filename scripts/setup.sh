@@ -29,7 +29,7 @@ flock 9
 
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
-for pkg in docker.io debootstrap libnuma1 python3-venv; do
+for pkg in docker.io debootstrap libnuma1 python3-venv systemd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then

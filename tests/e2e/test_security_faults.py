@@ -42,6 +42,7 @@ from tests.harness.ansible import BIN, REPO, PlayResult, parse_recap
 from tests.harness import hosts
 from tests.harness.hosts import HostPool
 from tests.harness.software import LOCAL_GROUP_VARS
+from tests.unit.test_unit_hardening import directive_problems, documented_bound
 
 HOST_COUNT = 1
 
@@ -59,7 +60,6 @@ UNIT = "/etc/systemd/system/vllm.service"
 ENV_FILE = "/etc/vllm/vllm.env"
 SERVED_MODEL = "/srv/vllm/models/tiny-qwen2"
 PADDING_MIB = 1024
-MAX_EXPOSURE = 2.0
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_access_rules_task_file(access_playbook: Path, variables: dict[str, Any]
 
 # --- the hardened unit, as rendered, runs the real vLLM -----------------------------------------
 
-def test_unit_as_rendered_runs_verified_with_exposure_at_most_2(deployment: Deployment, converged: PlayResult,
+def test_unit_as_rendered_runs_verified_with_every_directive_and_the_documented_exposure(deployment: Deployment, converged: PlayResult,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     host = deployment.pool.hosts[0]
     report = deployment.report()[host.name]
@@ -435,11 +435,12 @@ def test_unit_as_rendered_runs_verified_with_exposure_at_most_2(deployment: Depl
     (LOG_DIR / "systemd-analyze-security.txt").write_text(table)
     with capsys.disabled():
         print(f"\n--- systemd-analyze security vllm.service (on {host.name}) ---\n{table}")
-    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{table}"
+    assert exposure <= documented_bound("cpu-running"), table
+    assert directive_problems(host.sh(f"cat {UNIT}").stdout, "cpu") == []
     # The API port's proxy, the only thing the LAN reaches, is held at least as tight.
     proxy = host.sh("systemd-analyze security vllm-proxy.service --no-pager", check=False).stdout
     match = re.search(r"Overall exposure level for vllm-proxy\.service:\s*([0-9.]+)", proxy)
-    assert match and float(match.group(1)) <= MAX_EXPOSURE, proxy
+    assert match and float(match.group(1)) <= documented_bound("proxy-running"), proxy
     assert host.sh("systemctl show vllm vllm-proxy -p PrivateNetwork --value").stdout.split() == ["yes", "yes"]
 
 
