@@ -1,6 +1,11 @@
 """roles/vllm/library/vllm_release.py: activation, discard of a failed release,
 and the refusal of any release id that is not one the role makes (it is joined
-into a path under releases/ that the module may remove).
+into a path under releases/ that the module may remove); what rollback.yml and
+service.yml read of it: the rollback target's record (id, dir, adapters,
+base_served_name) found without changing anything, the history order that makes
+"previous" the release left last, a failure naming what there is to roll back
+to, check mode (a new release whose record the task before did not write), and
+pruning that never removes the current release or a venv still being installed.
 
 The module runs in-process as Ansible would run it, against a temporary
 software_dir laid out like /opt/vllm.
@@ -153,3 +158,141 @@ def test_rollback_accepts_previous_or_a_release_id(
         assert deploy(capsys, software_dir, release_id)[0] == 0
     rc, result = run(capsys, state="rollback", software_dir=str(software_dir), to=value)
     assert rc == 0 and result["target"]["id"] == A and result["changed"] is False
+
+
+def make_and_activate(capsys: pytest.CaptureFixture[str], software_dir: Path, *release_ids: str) -> None:
+    for release_id in release_ids:
+        rc, result = deploy(capsys, software_dir, release_id)
+        assert rc == 0, result.get("msg")
+
+
+def test_rollback_returns_the_earlier_releases_record_and_changes_nothing(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A, B)
+    before = snapshot(software_dir)
+    rc, result = run(capsys, state="rollback", software_dir=str(software_dir), to="previous")
+    assert rc == 0, result.get("msg")
+    # rollback.yml installs <dir>/vllm.service and verifies adapters and base_served_name.
+    release_dir = software_dir / "releases" / A
+    assert result["target"] == {**json.loads((release_dir / "release.json").read_text()),
+                                "id": A, "dir": str(release_dir)}
+    assert result["target"]["adapters"] == ["alpha"] and result["target"]["base_served_name"] == "tiny"
+    assert (result["changed"], result["current"], result["history"], result["removed"]) == (False, B, [A, B], [])
+    assert snapshot(software_dir) == before
+
+
+@pytest.mark.parametrize("to", ["previous", A, C], ids=["previous", "the-current-one", "not-in-history"])
+def test_rollback_with_nowhere_to_go_fails_naming_what_there_is(
+        software_dir: Path, capsys: pytest.CaptureFixture[str], to: str) -> None:
+    make_and_activate(capsys, software_dir, A)
+    rc, result = run(capsys, state="rollback", software_dir=str(software_dir), to=to)
+    assert rc == 1
+    assert result["msg"].startswith(f"no release to roll back to (asked for {to!r}; current {A}, history [{A!r}]). ")
+    assert "Name one of the history's ids" in result["msg"]
+    assert (result["current"], result["history"]) == (A, [A])
+
+
+def test_rollback_on_a_host_without_releases_names_none(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, result = run(capsys, state="rollback", software_dir=str(software_dir))
+    assert rc == 1
+    assert "(asked for 'previous'; current none, history [])" in result["msg"]
+
+
+def test_activating_an_earlier_release_moves_it_last(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After a rollback to A, "previous" is the release A replaced, not A's old neighbour."""
+    make_and_activate(capsys, software_dir, A, B, C)
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=A)
+    assert rc == 0, result.get("msg")
+    assert (result["changed"], result["previous"], result["removed"]) == (True, C, [])
+    assert history(software_dir) == [B, C, A]
+    assert os.readlink(software_dir / "current") == os.path.join("releases", A)
+    rc, result = run(capsys, state="rollback", software_dir=str(software_dir), to="previous")
+    assert result["target"]["id"] == C
+
+
+def test_a_release_whose_directory_is_gone_is_no_rollback_target(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A, B, C)
+    (software_dir / "releases" / B / "release.json").unlink()
+    (software_dir / "releases" / B).rmdir()
+    rc, result = run(capsys, state="rollback", software_dir=str(software_dir), to="previous")
+    assert rc == 0 and result["target"]["id"] == A and result["history"] == [A, C]
+
+
+def test_check_mode_activation_of_a_new_release_reports_it_and_writes_nothing(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In check mode the task before did not write releases/<id>/release.json."""
+    make_and_activate(capsys, software_dir, A)
+    before = snapshot(software_dir)
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=B,
+                     _ansible_check_mode=True)
+    assert rc == 0, result.get("msg")
+    assert (result["changed"], result["current"], result["previous"]) == (True, B, A)
+    assert snapshot(software_dir) == before
+
+
+def test_check_mode_activation_reports_what_it_would_prune_and_changes_nothing(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A, B)
+    make_release(software_dir, C, *VENVS[C])
+    before = snapshot(software_dir)
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=C, keep=2,
+                     _ansible_check_mode=True)
+    assert rc == 0, result.get("msg")
+    assert result["changed"] is True and result["history"] == [B, C]
+    assert sorted(result["removed"]) == sorted([str(software_dir / "releases" / A),
+                                                str(software_dir / "venvs" / "sw1")])
+    assert snapshot(software_dir) == before
+
+
+def test_activating_a_release_without_its_record_fails_naming_the_file(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A)
+    before = snapshot(software_dir)
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=B)
+    assert rc == 1
+    assert result["msg"] == f"release {B!r} has no {software_dir}/releases/{B}/release.json"
+    assert snapshot(software_dir) == before
+
+
+def test_keep_zero_still_keeps_the_current_release(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A)
+    make_release(software_dir, B, *VENVS[B])
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=B, keep=0)
+    assert rc == 0, result.get("msg")
+    assert history(software_dir) == [B]
+    assert (software_dir / "releases" / B / "release.json").is_file()
+    assert (software_dir / "venvs" / "sw2").is_dir() and not (software_dir / "releases" / A).exists()
+
+
+def test_a_venv_still_being_installed_is_not_removed(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The role marks a finished venv with .complete; one without it may be installing right now."""
+    installing = software_dir / "venvs" / "vllm-installing"
+    installing.mkdir(parents=True)
+    make_and_activate(capsys, software_dir, A)
+    assert installing.is_dir()
+    (installing / ".complete").write_text("")
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=A)
+    assert rc == 0 and result["removed"] == [str(installing)] and not installing.exists()
+
+
+def test_a_link_left_by_a_killed_run_does_not_stop_the_swap(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A)
+    os.symlink(os.path.join("releases", "gone"), software_dir / "current.tmp")
+    make_and_activate(capsys, software_dir, B)
+    assert os.readlink(software_dir / "current") == os.path.join("releases", B)
+    assert not os.path.lexists(software_dir / "current.tmp")
+
+
+def test_discarding_the_release_being_activated_keeps_it(
+        software_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_and_activate(capsys, software_dir, A, B)
+    rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=B, discard=B)
+    assert rc == 0, result.get("msg")
+    assert result["removed"] == [] and history(software_dir) == [A, B]
+    assert (software_dir / "releases" / B / "release.json").is_file()

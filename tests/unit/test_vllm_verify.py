@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
-from tests.unit.loader import load
 from ansible.module_utils.testing import patch_module_args
+from tests.unit.local_http import LocalServer, Request, refused_url
+from tests.unit.loader import load
 
 DATA = Path(__file__).resolve().parent / "data" / "vllm_0.11.0"
 API_KEY = "test-key"  # the key the recordings were made with
@@ -220,63 +219,28 @@ def test_run_keeps_what_it_learnt_when_an_adapter_request_cannot_be_made() -> No
 # --- the whole module against a replay of the real server ----------------
 
 
-class Replay(ThreadingHTTPServer):
+class Replay(LocalServer):
     """Answers each request with the recording whose request it equals."""
 
     def __init__(self, recordings: list[dict]) -> None:
-        super().__init__(("127.0.0.1", 0), ReplayHandler)
+        super().__init__()
         self.recordings = recordings
-        self.seen: list[dict] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ReplayHandler(BaseHTTPRequestHandler):
-    server: Replay
-
-    def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else None
-        auth = self.headers.get("Authorization")
-        self.server.seen.append({"method": self.command, "path": self.path,
-                                 "body": body, "auth": auth})
-        if auth != f"Bearer {API_KEY}":  # as vLLM's --api-key does for /v1
-            status, answer = 401, recording("models_unauthorized")["body"]
-        else:
-            status, answer = 500, {"error": {"message": f"no recording for {body}"}}
-            for rec in self.server.recordings:
-                req = rec["request"]
-                if (req["method"], req["path"], req.get("body")) == (
-                        self.command, self.path, body):
-                    status, answer = rec["status"], rec["body"]
-                    break
-        raw = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    do_GET = do_POST = _answer
-
-    def log_message(self, *args: Any) -> None:
-        pass
+    def answer(self, request: Request) -> tuple[int, Any]:
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":  # as vLLM's --api-key does for /v1
+            return 401, recording("models_unauthorized")["body"]
+        for rec in self.recordings:
+            req = rec["request"]
+            if (req["method"], req["path"], req.get("body")) == (request.method, request.path, request.body):
+                return rec["status"], rec["body"]
+        return 500, {"error": {"message": f"no recording for {request.body}"}}
 
 
 @pytest.fixture
 def replay(request: pytest.FixtureRequest) -> Iterator[Replay]:
     names: list[str] = request.param
-    server = Replay([recording(n) for n in names])
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with Replay([recording(n) for n in names]) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 WITH_MIDDLEWARE = ["models", "chat_base", "chat_alpha", "chat_beta",
@@ -312,7 +276,7 @@ def test_real_answers_with_middleware_pass(replay: Replay, capsys) -> None:
                                     "text": ALPHA_TEXT, "differs_from_base": True,
                                     "lora_name_ok": True}
     assert [r["lora_name_ok"] for r in result["results"]] == [True, True]
-    assert {s["auth"] for s in replay.seen} == {f"Bearer {API_KEY}"}
+    assert {s.headers.get("Authorization") for s in replay.seen} == {f"Bearer {API_KEY}"}
     assert API_KEY not in json.dumps(result)
 
 
@@ -379,11 +343,8 @@ def test_wrong_api_key_fails_on_the_first_request(replay: Replay, capsys) -> Non
 
 
 def test_unreachable_server_fails_with_the_reason(capsys) -> None:
-    with ThreadingHTTPServer(("127.0.0.1", 0), ReplayHandler) as probe:
-        port = probe.server_address[1]  # closed when the block ends: refused
-    rc, result = run_module({"url": f"http://127.0.0.1:{port}", "base_model": "tiny",
-                             "timeout": 5}, capsys)
+    url = refused_url()
+    rc, result = run_module({"url": url, "base_model": "tiny", "timeout": 5}, capsys)
     assert rc == 1
-    assert result["msg"].startswith(
-        f"vLLM verification failed: GET http://127.0.0.1:{port}/v1/models: ")
+    assert result["msg"].startswith(f"vLLM verification failed: GET {url}/v1/models: ")
     assert "refused" in result["msg"]

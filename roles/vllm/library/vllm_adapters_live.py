@@ -103,6 +103,26 @@ def call(url: str, api_key: Optional[str], method: str, path: str, body: Optiona
             return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as error:  # refused, timed out: no answer at all
+        return 0, f"no answer from {url.rstrip('/')}{path}: {getattr(error, 'reason', error)}"
+
+
+ROUTE_MISSING = '{"detail":"Not Found"}'  # FastAPI's own 404: vLLM started without runtime updating
+
+
+def fix_for(status: int, text: str = "") -> str:
+    """What an operator does about a refused adapter request, by vLLM's (or the guard's) answer."""
+    if status == 0:
+        return "Is the service running (systemctl status vllm) and vllm_listen_host/vllm_port its address?"
+    if status == 401:
+        return "The API key was refused: vllm_api_key must be the key the running service was started with."
+    if status == 403:
+        return ("The deployer's admin key was refused: the service reads it at start (vllm-admin.env); "
+                "run site.yml to restart it with the current key.")
+    if status == 404 and text.strip() == ROUTE_MISSING:
+        return ("The running service has no runtime updating: set vllm_allow_runtime_lora_updating: true "
+                "and run site.yml (it restarts the service).")
+    return "The answer above is vLLM's; fix the adapter it names, or run site.yml to apply the set with a restart."
 
 
 def main() -> None:
@@ -121,7 +141,7 @@ def main() -> None:
     params = module.params
     status, text = call(params["url"], params["api_key"], "GET", "/v1/models", None, params["timeout"])
     if status != 200:
-        module.fail_json(msg=f"GET /v1/models answered {status}: {text[:300]}")
+        module.fail_json(msg=f"GET /v1/models answered {status}: {text[:300]}. {fix_for(status, text)}")
     cards = json.loads(text).get("data", [])
     served = [card["id"] for card in cards if card.get("parent")]
     paths = {str(a["name"]): str(a["path"]) for a in params["adapters"]}
@@ -133,13 +153,13 @@ def main() -> None:
         status, text = call(params["url"], params["api_key"], "POST", "/v1/unload_lora_adapter",
                             {"lora_name": name}, params["timeout"], admin)
         if status != 200:
-            module.fail_json(msg=f"unloading adapter '{name}' answered {status}: {text[:300]}")
+            module.fail_json(msg=f"unloading adapter '{name}' answered {status}: {text[:300]}. {fix_for(status, text)}")
     for name in load:
         status, text = call(params["url"], params["api_key"], "POST", "/v1/load_lora_adapter",
                             {"lora_name": name, "lora_path": paths[name]}, params["timeout"], admin)
         if status != 200:
             module.fail_json(msg=f"loading adapter '{name}' from {paths[name]} answered {status}: {text[:300]}. "
-                                 "Is VLLM_ALLOW_RUNTIME_LORA_UPDATING set (vllm_allow_runtime_lora_updating)?")
+                                 f"{fix_for(status, text)}")
     if params["applied_marker"]:
         with open(params["applied_marker"], "a", encoding="utf-8"):
             pass

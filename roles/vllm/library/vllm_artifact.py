@@ -204,6 +204,10 @@ def commit(module: AnsibleModule) -> None:
                     continue
                 module.fail_json(msg=f"{key}: {rel} was neither placed nor staged at {staged}")
             actual = sha256_file(staged)
+            if actual != want["sha256"] and module.check_mode:
+                # A real run would find it corrupt and copy it again: a change, nothing deleted.
+                changed_items.append(f"{key}/{rel}")
+                continue
             if actual != want["sha256"]:
                 os.unlink(staged)
                 module.fail_json(
@@ -276,7 +280,10 @@ def prune(module: AnsibleModule) -> None:
         if not os.path.isdir(root):
             continue
         for name in sorted(os.listdir(root)):
-            if name in keep or name.startswith("."):
+            path = os.path.join(root, name)
+            # The role makes only directories here; a file or a link someone put there is not an
+            # adapter and not ours to remove (rmtree would fail on it half-way through the list).
+            if name in keep or name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
                 continue
             removed.append(os.path.join(root, name))
             if not module.check_mode:

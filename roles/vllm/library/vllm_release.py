@@ -197,7 +197,7 @@ def rollback(module: AnsibleModule) -> None:
     if not target:
         module.fail_json(
             msg=f"no release to roll back to (asked for {module.params['to']!r}; current {current or 'none'}, "
-                f"history {history}). Name one of the history's ids with rollback_to=<id>.",
+                f"history {history}). Name one of the history's ids with -e vllm_rollback_to=<id>.",
             history=history, current=current,
         )
     record = read_json(os.path.join(software_dir, "releases", target, "release.json"), {})
