@@ -4,54 +4,149 @@ hosts behind a real HAProxy, under a steady stream of adapter requests."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import LOCAL_GROUP_VARS, Deployment
+from tests.e2e.conftest import LOCAL_GROUP_VARS, LOG_DIR, Deployment
 from tests.fixtures import tinyqwen
-from tests.harness.balancer import haproxy, url
+from tests.harness.balancer import haproxy, ip_of, show_stat, url
 from tests.harness.hosts import HostPool, TestHost, write_inventory
 
 API_KEY = "rolling-test-key-5b8e"
-class Load:
-    """Chat requests through HAProxy, one after another, until stopped (bounded)."""
+# What each client asks for, in turn: an adapter by `model`, an adapter by `lora_name` (the shipped
+# middleware), the base model; each streamed and not. (served name, extra body fields)
+KINDS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("alpha", {"model": "alpha"}),
+    ("beta", {"model": "tiny-qwen2", "lora_name": "beta"}),
+    ("tiny-qwen2", {"model": "tiny-qwen2"}),
+)
+MAX_TOKENS = 96  # long enough that requests are in flight when a host is drained
 
-    def __init__(self, url: str, limit_seconds: float = 1500) -> None:
-        self.url, self.limit = url, limit_seconds
+
+class Load:
+    """Independent clients sending chat requests through HAProxy until stopped (bounded): several at
+    once, streamed and not, long generations through adapters and lora_name. Every response is
+    checked whole: status, the served name, and all MAX_TOKENS tokens (a stream must end in [DONE]
+    after a usage chunk: a stream cut off mid-way is a failure)."""
+
+    def __init__(self, url: str, clients: int = 4, limit_seconds: float = 1500) -> None:
+        self.url, self.limit, self.clients = url, limit_seconds, clients
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
+        self.longest = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
+
+    def _run(self, client: int) -> None:
+        deadline = time.monotonic() + self.limit
+        turn = client
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                served, fields = KINDS[turn % len(KINDS)]
+                stream = (turn // len(KINDS)) % 2 == 1
+                turn += 1
+                body = {**fields, "messages": [{"role": "user", "content": "Tell me about the sea."}],
+                        "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": stream}
+                if stream:
+                    body["stream_options"] = {"include_usage": True}
+                began = time.monotonic()
+                try:
+                    problem = self._one(http, body, served, stream)
+                except httpx.HTTPError as error:
+                    problem = f"{served} stream={stream}: {error!r}"
+                with self._lock:
+                    self.longest = max(self.longest, time.monotonic() - began)
+                    self.outcomes["complete" if not problem else "failed"] += 1
+                    if problem:
+                        self.errors.append(problem)
+
+    def _one(self, http: httpx.Client, body: dict[str, Any], served: str, stream: bool) -> str:
+        """'' when the response is complete and from `served`, else what was wrong."""
+        where = f"{served} stream={stream}"
+        if not stream:
+            response = http.post(f"{self.url}/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                return f"{where}: {response.status_code} {response.text[:200]}"
+            data = response.json()
+            choice = data["choices"][0]
+            if (data["model"], choice["finish_reason"], data["usage"]["completion_tokens"]) != \
+                    (served, "length", MAX_TOKENS):
+                return f"{where}: incomplete or wrong model: {json.dumps(data)[:300]}"
+            return ""
+        with http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return f"{where}: {response.status_code} {response.read()[:200]!r}"
+            events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]":
+            return f"{where}: the stream ended without [DONE] after {len(events)} events"
+        chunks = [json.loads(event) for event in events[:-1]]
+        models = {chunk["model"] for chunk in chunks}
+        finished = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+        usage = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk.get("usage")]
+        if models != {served} or finished != ["length"] or usage[-1:] != [MAX_TOKENS]:
+            return f"{where}: incomplete stream: models {models}, finish {finished}, usage {usage}"
+        return ""
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)
+
+    def summary(self) -> str:
+        return (f"{sum(self.outcomes.values())} requests ({dict(self.outcomes)}), {self.clients} concurrent clients, "
+                f"longest {self.longest:.1f} s")
+
+
+class Watch:
+    """HAProxy's `show stat`, sampled while a roll runs: every state each server went through, and
+    the counters at the end (retries and redispatches must stay 0: nothing was hidden)."""
+
+    def __init__(self, lb: TestHost, servers: list[str]) -> None:
+        self.lb, self.servers = lb, servers
+        self.states: dict[str, list[str]] = {name: [] for name in servers}
+        self.last: list[dict[str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        body = {"model": "alpha", "messages": [{"role": "user", "content": "Hello"}],
-                "max_tokens": 4, "temperature": 0}
-        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                try:
-                    response = client.post(f"{self.url}/v1/chat/completions", json=body)
-                    self.outcomes[str(response.status_code)] += 1
-                    if response.status_code != 200:
-                        self.errors.append(f"{response.status_code}: {response.text[:200]}")
-                except httpx.HTTPError as error:
-                    self.outcomes["error"] += 1
-                    self.errors.append(repr(error))
-                time.sleep(0.05)
+        while not self._stop.is_set():
+            for row in show_stat(self.lb):
+                seen = self.states.get(row["svname"])
+                if row["pxname"] == "vllm" and seen is not None and (not seen or seen[-1] != row["status"]):
+                    seen.append(row["status"])
+            time.sleep(0.2)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Watch:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=90)
+        self._thread.join(timeout=60)
+        self.last = [row for row in show_stat(self.lb) if row["pxname"] == "vllm"]
+
+    def hidden_failures(self) -> dict[str, tuple[str, str]]:
+        """{server or BACKEND: (retries, redispatches)} where either is not 0."""
+        return {row["svname"]: (row["wretr"], row["wredis"]) for row in self.last
+                if (row["wretr"] or "0") != "0" or (row["wredis"] or "0") != "0"}
+
+    def finally_up(self) -> dict[str, str]:
+        return {row["svname"]: row["status"] for row in self.last if row["svname"] in self.servers}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +164,7 @@ def fleet(software_image: str, fixtures: tinyqwen.Fixtures,
         deployment = Deployment(pool, workdir, fixtures, inventory=inventory)
         converged = deployment.play()
         assert converged.rc == 0, converged.tail(120)
+        record(deployment)
         yield deployment, lb
 
 
@@ -76,25 +172,64 @@ def current_release(host: TestHost) -> str:
     return Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
 
 
+# What each host served on each release it ran, as recorded while it ran: {(host, release): snapshot}.
+SERVED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def snapshot(host: TestHost) -> dict[str, Any]:
+    """What a host serves now: its release, the unit's ExecStart, the names served and, for each, the
+    answer to one greedy request (straight to the host, not through the balancer)."""
+    base = f"http://{ip_of(host)}:8000"
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        names = sorted(card["id"] for card in http.get(f"{base}/v1/models").json()["data"])
+        answers = {}
+        for name in names:
+            reply = http.post(f"{base}/v1/chat/completions", json={
+                "model": name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12,
+                "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            answers[name] = reply.json()["choices"][0]["message"]["content"]
+    return {"release": current_release(host), "answers": answers,
+            "exec_start": host.sh("grep ^ExecStart= /etc/systemd/system/vllm.service").stdout.strip()}
+
+
+def record(deployment: Deployment) -> None:
+    for host in deployment.pool.hosts:
+        now = snapshot(host)
+        SERVED[(host.name, now["release"])] = now
+
+
 def test_rolling_restart_serves_every_request(fleet: tuple[Deployment, TestHost]) -> None:
     deployment, lb = fleet
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     assert len(set(before.values())) == 1
-    with Load(url(lb)) as load:
+    with Watch(lb, deployment.pool.names) as watch, Load(url(lb)) as load:
         time.sleep(3)
         # A changed engine setting makes a new release on every host.
         result = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3)
         time.sleep(3)
     assert result.rc == 0, result.tail(150)
-    assert load.outcomes["200"] >= 20, load.outcomes
-    assert set(load.outcomes) == {"200"}, (load.outcomes, load.errors[:5])
+    assert load.outcomes["complete"] >= 20, load.summary()
+    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
+    # Each host was taken out by the balancer role (MAINT/DRAIN in HAProxy's own view) and came back UP;
+    # HAProxy retried or redispatched nothing (retries 0 in its configuration; its counters say 0).
+    for host in deployment.pool.names:
+        assert {"MAINT", "DRAIN"} & set(watch.states[host]), watch.states
+    assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states
+    assert watch.hidden_failures() == {}, watch.last
+    # The longest request spans the drain: requests were in flight while hosts were taken out.
+    assert load.longest > 1.0, load.summary()
     after = {h.name: current_release(h) for h in deployment.pool.hosts}
     assert len(set(after.values())) == 1 and set(after.values()) != set(before.values())
     report = deployment.report("rolling_restart")
     for host in deployment.pool.names:
         assert report[host]["verified"] is True
         assert report[host]["release"] == after[host]
-    print(f"\nrolling restart: {dict(load.outcomes)} requests through HAProxy, releases {before} -> {after}")
+    record(deployment)
+    summary = f"rolling restart: {load.summary()} through HAProxy; states {watch.states}; releases {before} -> {after}"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    (LOG_DIR / "rolling-load.txt").write_text(summary + "\n")
+    print("\n" + summary)
 
 
 def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tuple[Deployment, TestHost]) -> None:
@@ -102,7 +237,7 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     h1, h2, h3 = deployment.pool.hosts
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     unit3 = h3.sh("cat /etc/systemd/system/vllm.service").stdout
-    with Load(url(lb)) as load:
+    with Watch(lb, deployment.pool.names) as watch, Load(url(lb)) as load:
         result = deployment.play("-e", '{"rolling_test_bad_args": ["--kv-cache-dtype", "no-such-dtype"]}',
                                  playbook="rolling_restart.yml", vllm_max_loras=4)
     assert result.rc != 0
@@ -117,7 +252,10 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert "--kv-cache-dtype" not in h2.sh("grep ExecStart= /etc/systemd/system/vllm.service").stdout
     for host in (h1, h2, h3):
         assert host.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health").stdout == "200"
-    assert set(load.outcomes) == {"200"}, (load.outcomes, load.errors[:5])
+    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
+    assert watch.hidden_failures() == {}, watch.last
+    assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states
+    record(deployment)
     # A failed roll still leaves its report: host 2's failure, host 3 not reached.
     report = deployment.report("rolling_restart")
     failed = report[h2.name]["roll"]
@@ -128,16 +266,46 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert report[h3.name] == {"verified": False, "reached": False}
 
 
-def test_rollback_playbook_returns_every_host_to_its_previous_release(fleet: tuple[Deployment, TestHost]) -> None:
+def batches(output: str, task: str) -> list[set[str]]:
+    """The hosts under each run of the task named `task` in a play's output, in order."""
+    found = []
+    for block in output.split("\nTASK [")[1:]:
+        if block.split("]", 1)[0].endswith(task):
+            found.append(set(re.findall(r"^(?:changed|ok|fatal): \[([^\]\s]+)", block, re.M)))
+    return found
+
+
+def previous_release(host: TestHost) -> str:
+    """The release rollback.yml returns to: the last of the host's history that is not current."""
+    history = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
+    return [rid for rid in history if rid != current_release(host)][-1]
+
+
+def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
+        fleet: tuple[Deployment, TestHost]) -> None:
     deployment, _lb = fleet
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
+    expected = {h.name: previous_release(h) for h in deployment.pool.hosts}
+    assert all((name, rid) in SERVED for name, rid in expected.items()), (expected, sorted(SERVED))
     result = deployment.play(playbook="rollback.yml")
     assert result.rc == 0, result.tail(120)
     report = deployment.report("rollback")
     for host in deployment.pool.hosts:
-        now = current_release(host)
-        assert now != before[host.name]
-        assert report[host.name]["release"] == now and report[host.name]["verified"] is True
+        now = snapshot(host)
+        assert now["release"] == expected[host.name] != before[host.name]
+        # The unit's command line, the names served and each one's answer: what that release served.
+        assert now == SERVED[(host.name, expected[host.name])], host.name
+        assert report[host.name]["release"] == now["release"] and report[host.name]["verified"] is True
+        # The report's flags are the unit's: what `vllm serve` was started with, after `vllm serve`.
+        assert report[host.name]["flags"] == shlex.split(now["exec_start"].split("=", 1)[1])[2:]
+
+    # A named release (-e vllm_rollback_to=<id>), on one host (-l): back to what it ran before this test.
+    h3 = deployment.pool.hosts[2]
+    named = deployment.play("-l", h3.name, playbook="rollback.yml", vllm_rollback_to=before[h3.name])
+    assert named.rc == 0, named.tail(120)
+    assert snapshot(h3) == SERVED[(h3.name, before[h3.name])]
+    assert {h.name: current_release(h) for h in deployment.pool.hosts[:2]} == \
+        {h.name: expected[h.name] for h in deployment.pool.hosts[:2]}, "-l must limit the rollback to one host"
 
 
 def test_maintenance_refuses_outside_its_window_and_while_locked(fleet: tuple[Deployment, TestHost]) -> None:
@@ -166,10 +334,13 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
     with Load(url(lb)) as load:
         result = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
                                  vllm_maintenance_window={"start": "00:00", "end": "00:00"},
-                                 vllm_maintenance_force=True)
+                                 vllm_maintenance_force=True, vllm_rolling_serial=[1, 2])
     assert result.rc == 0, result.tail(120)
     assert not lock.exists()
-    assert set(load.outcomes) == {"200"}, (load.outcomes, load.errors[:5])
+    # vllm_rolling_serial [1, 2]: a canary alone, then the two others together (one restart task each batch).
+    h1, h2, h3 = deployment.pool.names
+    assert batches(result.output, "Restart the service") == [{h1}, {h2, h3}], result.tail(200)
+    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
     report = json.loads((deployment.workdir / "reports" / "maintenance-latest.json").read_text())
     for host in deployment.pool.hosts:
         roll = report["hosts"][host.name]

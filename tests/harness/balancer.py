@@ -7,6 +7,7 @@ names of the vLLM hosts.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,8 +22,9 @@ defaults
     timeout connect 2s
     timeout client 120s
     timeout server 120s
-    retries 3
-    option redispatch
+    # No second chance: a request sent to a host that is going down fails, and the
+    # rolling test sees it. (HAProxy retries a failed connection 3 times by default.)
+    retries 0
 frontend api
     bind *:80
     default_backend vllm
@@ -54,3 +56,15 @@ def haproxy(backends: Sequence[TestHost], prefix: str, port: int = 8000) -> Iter
         lb.sh(f"cat > /etc/haproxy/haproxy.cfg <<'CFG'\n{HAPROXY_CFG.format(servers=servers)}CFG\n"
               "haproxy -c -f /etc/haproxy/haproxy.cfg && systemctl restart haproxy")
         yield lb
+
+
+STATS = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
+         "s.sendall(b'show stat\\n'); print(s.makefile().read())")
+
+
+def show_stat(lb: TestHost) -> list[dict[str, str]]:
+    """HAProxy's own counters and states (`show stat` on its runtime API), one dict a proxy/server."""
+    text = lb.sh(f"python3 -c {shlex.quote(STATS)}", timeout=30).stdout
+    header, *rows = [line for line in text.splitlines() if line.strip()]
+    names = header.lstrip("# ").split(",")
+    return [dict(zip(names, row.split(","))) for row in rows]
