@@ -24,6 +24,6 @@ echo "== argument_specs vs docs"
 python scripts/gen_var_docs.py --check
 
 if ((fast)); then
-  exec python -m pytest tests/unit "$@"
+  exec python -m pytest tests/unit -m "not vllm" "$@"
 fi
 exec python -m pytest tests "$@"

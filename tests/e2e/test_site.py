@@ -107,7 +107,9 @@ def test_host_state_user_modes_unit_flags(deployment: Deployment, first_run) -> 
     assert "HF_HUB_OFFLINE=1" in unit
     service = host.service("vllm")
     assert service.is_enabled and service.is_running
-    assert host.process.get(comm="vllm").user == "vllm" if host.process.filter(comm="vllm") else True
+    # The service's main process (vLLM's API server) runs as vllm; a missing process fails here.
+    main_pid = int(host.check_output("systemctl show vllm -p MainPID --value") or 0)
+    assert main_pid > 0 and host.process.get(pid=main_pid).user == "vllm"
 
 
 def test_second_run_changes_nothing_and_does_not_restart(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
@@ -116,6 +118,12 @@ def test_second_run_changes_nothing_and_does_not_restart(deployment: Deployment,
     result = deployment.play()
     assert result.rc == 0, result.tail()
     assert result.changed() == 0, result.tail(120)
+    assert service_start_marker(host) == before
+    # The verify alone (as an operator or a monitor runs it) proves the adapters and changes nothing.
+    verify = deployment.play("--tags", "verify")
+    assert verify.rc == 0 and verify.changed() == 0, verify.tail(120)
+    assert "Prove every adapter by real requests" in verify.output, verify.tail(60)
+    assert deployment.report()[host.name]["verified"] is True
     assert service_start_marker(host) == before
 
 
@@ -151,6 +159,47 @@ def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> N
     assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
     models = json.loads(host.sh("curl -s http://127.0.0.1:8000/v1/models").stdout)
     assert sorted(card["id"] for card in models["data"]) == ["alpha", "beta", "tiny-qwen2"]
+
+
+IGNORED_WARNING = "The following fields were present in the request but ignored: {'lora_name'}"
+
+
+def test_without_the_compat_middleware_lora_name_gets_the_base_as_vllm_alone(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+    """vllm_lora_name_compat: false: the unit has no middleware, so `lora_name` is what vLLM 0.11 makes
+    of it: ignored with a log warning, the BASE answers. Then back, keeping only 2 releases: the
+    release before is pruned, and with it the files of an adapter no kept release serves."""
+    host = deployment.pool.hosts[0]
+    base, beta = answer(host, model="tiny-qwen2"), answer(host, model="beta")
+    assert base != beta and answer(host, model="tiny-qwen2", lora_name="beta") == beta  # the middleware
+    history = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
+    off = deployment.play(vllm_lora_name_compat=False)
+    assert off.rc == 0, off.tail(120)
+    assert "LoraNameMiddleware" not in host.sh("grep ^ExecStart= /etc/systemd/system/vllm.service").stdout
+    mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    status, data = chat(host, {"model": "tiny-qwen2", "lora_name": "beta", "temperature": 0, "max_tokens": 12,
+                               "messages": [{"role": "user", "content": "Tell me about the sea."}]})
+    assert status == 200 and data["model"] == "tiny-qwen2", data
+    assert data["choices"][0]["message"]["content"] == base  # type: ignore[index]
+    deadline = time.monotonic() + 15
+    while IGNORED_WARNING not in host.sh(f"journalctl -u vllm --since '{mark}' -o cat").stdout:
+        assert time.monotonic() < deadline, "vLLM did not log that it ignored lora_name"
+        time.sleep(0.5)
+
+    # Before: gamma's files are on the host, kept for the release that served gamma (3 releases kept).
+    assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
+    before_back = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
+    assert len(before_back) == 3 and before_back[-1] not in history, (history, before_back)
+    back = deployment.play(vllm_keep_releases=2)
+    assert back.rc == 0, back.tail(120)
+    assert answer(host, model="tiny-qwen2", lora_name="beta") == beta
+    kept = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
+    assert len(kept) == 2 and kept[-1] == history[-1], (history, kept)
+    on_disk = sorted(host.sh("ls /opt/vllm/releases").stdout.split())
+    assert on_disk == sorted([*kept, "history.json"]), on_disk
+    dropped = [rid for rid in history if rid not in kept]
+    assert dropped and not any(rid in on_disk for rid in dropped)
+    # gamma (added and removed above) was served only by a dropped release: its files go with it.
+    assert host.sh("test -e /srv/vllm/adapters/gamma", check=False).returncode != 0
 
 
 # Last in this module: it leaves the host on other releases.

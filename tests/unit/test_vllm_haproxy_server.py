@@ -99,6 +99,8 @@ def test_maint_with_wait_drains_waits_for_the_sessions_then_takes_the_server_out
                       clock=lambda: float(next(ticks)), sleep=lambda _s: None)
     assert api.commands == ["set server vllm/gpu1 state drain", "set server vllm/gpu1 state maint"]
     assert result["changed"] is True and result["status_before"] == "UP" and result["sessions"] == 0
+    # The session in flight when the drain began, which the wait let finish (the roll report shows it).
+    assert result["sessions_at_drain"] == 1
 
 
 def test_a_drain_that_does_not_end_fails_naming_the_sessions_and_leaves_the_server_drained() -> None:

@@ -79,6 +79,12 @@ waited:
   description: Seconds spent waiting for the sessions to end.
   type: float
   returned: always
+sessions_at_drain:
+  description: >-
+    The server's sessions (C(scur)) just after it was put in drain: requests that were in flight
+    when it stopped taking new ones, and that the wait let finish (0 when no drain was done).
+  type: int
+  returned: always
 """
 
 import csv
@@ -173,7 +179,8 @@ def apply(send: Send, backend: str, server: str, state: str, wait_idle: int, pol
     row = server_row(parse_stat(send("show stat")), backend, server)
     before = row.get("status", "")
     result: Dict[str, object] = {"changed": not in_state(before, state), "status_before": before,
-                                 "sessions": int(row.get("scur") or 0), "in_flight": 0.0, "waited": 0.0}
+                                 "sessions": int(row.get("scur") or 0), "in_flight": 0.0, "waited": 0.0,
+                                 "sessions_at_drain": 0}
     if check_mode:
         return result
     target = f"set server {backend}/{server} state"
@@ -183,9 +190,12 @@ def apply(send: Send, backend: str, server: str, state: str, wait_idle: int, pol
             command(send, f"{target} drain")
             current = "DRAIN"
         start = clock()
+        first = True
         while True:
             row = server_row(parse_stat(send("show stat")), backend, server)
             sessions = int(row.get("scur") or 0)
+            if first:
+                result["sessions_at_drain"], first = sessions, False
             busy = in_flight(metrics(row.get("addr", ""))) if metrics and sessions == 0 else 0.0
             result["sessions"], result["in_flight"], result["waited"] = sessions, busy, round(clock() - start, 2)
             if sessions == 0 and busy == 0:
