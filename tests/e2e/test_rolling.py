@@ -43,6 +43,7 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
         self.longest = 0.0
+        self.per_client: Counter[int] = Counter()  # complete responses per client
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
@@ -62,13 +63,15 @@ class Load:
                 began = time.monotonic()
                 try:
                     problem = self._one(http, body, served, stream)
-                except httpx.HTTPError as error:
+                except Exception as error:  # noqa: BLE001 - any surprise is a failed request, never a dead client
                     problem = f"{served} stream={stream}: {error!r}"
                 with self._lock:
                     self.longest = max(self.longest, time.monotonic() - began)
                     self.outcomes["complete" if not problem else "failed"] += 1
                     if problem:
                         self.errors.append(problem)
+                    else:
+                        self.per_client[client] += 1
 
     def _one(self, http: httpx.Client, body: dict[str, Any], served: str, stream: bool) -> str:
         """'' when the response is complete and from `served`, else what was wrong."""
@@ -78,6 +81,8 @@ class Load:
             if response.status_code != 200:
                 return f"{where}: {response.status_code} {response.text[:200]}"
             data = response.json()
+            if "error" in data or not data.get("choices"):
+                return f"{where}: {json.dumps(data)[:300]}"
             choice = data["choices"][0]
             if (data["model"], choice["finish_reason"], data["usage"]["completion_tokens"]) != \
                     (served, "length", MAX_TOKENS):
@@ -90,6 +95,10 @@ class Load:
         if not events or events[-1] != "[DONE]":
             return f"{where}: the stream ended without [DONE] after {len(events)} events"
         chunks = [json.loads(event) for event in events[:-1]]
+        # vLLM ends an aborted stream with an error event, then [DONE]: a failure, not a short answer.
+        broken = [chunk for chunk in chunks if "error" in chunk or "model" not in chunk]
+        if broken:
+            return f"{where}: the stream carried {json.dumps(broken[0])[:300]}"
         models = {chunk["model"] for chunk in chunks}
         finished = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
         usage = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk.get("usage")]
@@ -106,44 +115,87 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=150)
+        assert not any(thread.is_alive() for thread in self._threads), "a client is still waiting for an answer"
+
+    def every_client_served(self) -> bool:
+        """Each client had complete answers: none died or hung."""
+        return all(self.per_client[client] >= 2 for client in range(self.clients))
 
     def summary(self) -> str:
         return (f"{sum(self.outcomes.values())} requests ({dict(self.outcomes)}), {self.clients} concurrent clients, "
                 f"longest {self.longest:.1f} s")
 
 
+# Runs inside the balancer host for the length of a roll: HAProxy's `show stat`, four times a second,
+# one line a server: "<monotonic> <server> <status> <sessions>". One process, not one docker exec a sample.
+SAMPLER = """
+import socket, sys, time
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); s.sendall(b'show stat\\n')
+        text = s.makefile().read(); s.close()
+        header, *rows = [line for line in text.splitlines() if line.strip()]
+        names = header.lstrip('# ').split(',')
+        for row in rows:
+            r = dict(zip(names, row.split(',')))
+            if r['pxname'] == 'vllm' and r['svname'] not in ('FRONTEND', 'BACKEND'):
+                print(time.monotonic(), r['svname'], r['status'].replace(' ', '_'), r['scur'] or 0, flush=True)
+    except Exception as error:
+        print('error', repr(error), flush=True)
+    time.sleep(0.25)
+"""
+# HAProxy's own counters of what went wrong between the balancer and the hosts.
+FAILURE_COUNTERS = ("econ", "eresp", "wretr", "wredis", "hrsp_5xx")
+
+
 class Watch:
-    """HAProxy's `show stat`, sampled while a roll runs: every state each server went through, and
-    the counters at the end (retries and redispatches must stay 0: nothing was hidden)."""
+    """HAProxy's view of a roll: every state each server went through (sampled inside the balancer
+    host), and its failure counters, which must not move (connection/response errors, retries,
+    redispatches, 5xx answers: nothing failed and nothing was hidden by a second try)."""
 
     def __init__(self, lb: TestHost, servers: list[str]) -> None:
         self.lb, self.servers = lb, servers
         self.states: dict[str, list[str]] = {name: [] for name in servers}
+        self.busy_drains: dict[str, int] = {}  # the most sessions seen on a server while in DRAIN
+        self.sampler_errors: list[str] = []
+        self.counters_before: dict[str, dict[str, int]] = {}
         self.last: list[dict[str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for row in show_stat(self.lb):
-                seen = self.states.get(row["svname"])
-                if row["pxname"] == "vllm" and seen is not None and (not seen or seen[-1] != row["status"]):
-                    seen.append(row["status"])
-            time.sleep(0.2)
+    @staticmethod
+    def counters(rows: list[dict[str, str]]) -> dict[str, dict[str, int]]:
+        return {row["svname"]: {name: int(row.get(name) or 0) for name in FAILURE_COUNTERS}
+                for row in rows if row["pxname"] == "vllm"}
 
     def __enter__(self) -> Watch:
-        self._thread.start()
+        self.counters_before = self.counters(show_stat(self.lb))
+        self.lb.sh(f"cat > /tmp/watch.py <<'PY'\n{SAMPLER}\nPY\n"
+                   "rm -f /tmp/watch.out; (setsid python3 /tmp/watch.py > /tmp/watch.out 2>&1 &)")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
+        self.lb.sh("pkill -f '[w]atch.py'; true")
+        for line in self.lb.sh("cat /tmp/watch.out").stdout.splitlines():
+            words = line.split()
+            if words[0] == "error" or len(words) != 4:
+                self.sampler_errors.append(line)
+                continue
+            _, server, status, sessions = words
+            seen = self.states.get(server)
+            if seen is None:
+                continue
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == "DRAIN":
+                self.busy_drains[server] = max(self.busy_drains.get(server, 0), int(sessions))
         self.last = [row for row in show_stat(self.lb) if row["pxname"] == "vllm"]
 
-    def hidden_failures(self) -> dict[str, tuple[str, str]]:
-        """{server or BACKEND: (retries, redispatches)} where either is not 0."""
-        return {row["svname"]: (row["wretr"], row["wredis"]) for row in self.last
-                if (row["wretr"] or "0") != "0" or (row["wredis"] or "0") != "0"}
+    def moved_failure_counters(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """{server or BACKEND: {counter: (before, after)}} for each failure counter that moved."""
+        after = self.counters(self.last)
+        return {name: {c: (self.counters_before.get(name, {}).get(c, 0), n) for c, n in values.items()
+                       if n != self.counters_before.get(name, {}).get(c, 0)}
+                for name, values in after.items()
+                if any(n != self.counters_before.get(name, {}).get(c, 0) for c, n in values.items())}
 
     def finally_up(self) -> dict[str, str]:
         return {row["svname"]: row["status"] for row in self.last if row["svname"] in self.servers}
@@ -189,8 +241,13 @@ def snapshot(host: TestHost) -> dict[str, Any]:
                 "temperature": 0})
             assert reply.status_code == 200, reply.text
             answers[name] = reply.json()["choices"][0]["message"]["content"]
-    return {"release": current_release(host), "answers": answers,
-            "exec_start": host.sh("grep ^ExecStart= /etc/systemd/system/vllm.service").stdout.strip()}
+    exec_start = host.sh("grep ^ExecStart= /etc/systemd/system/vllm.service").stdout.strip()
+    # What the running process was started with (not only what the unit file says now).
+    pid = host.sh("systemctl show vllm -p MainPID --value").stdout.strip()
+    cmdline = host.sh(f"cat /proc/{pid}/cmdline").stdout.split("\0")[:-1]
+    argv = shlex.split(exec_start.split("=", 1)[1])
+    return {"release": current_release(host), "answers": answers, "exec_start": exec_start,
+            "process_runs_the_unit": cmdline[-(len(argv) - 1):] == argv[1:]}
 
 
 def record(deployment: Deployment) -> None:
@@ -205,28 +262,34 @@ def test_rolling_restart_serves_every_request(fleet: tuple[Deployment, TestHost]
     assert len(set(before.values())) == 1
     with Watch(lb, deployment.pool.names) as watch, Load(url(lb)) as load:
         time.sleep(3)
-        # A changed engine setting makes a new release on every host.
-        result = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3)
+        # A changed engine setting and one more adapter make a new release on every host (the adapter
+        # also tells this release's answers from the previous one's, for the rollback test).
+        result = deployment.play(playbook="rolling_restart.yml", adapters=("alpha", "beta", "gamma"),
+                                 vllm_max_loras=3)
         time.sleep(3)
     assert result.rc == 0, result.tail(150)
-    assert load.outcomes["complete"] >= 20, load.summary()
+    assert load.outcomes["complete"] >= 20 and load.every_client_served(), load.summary()
     assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
     # Each host was taken out by the balancer role (MAINT/DRAIN in HAProxy's own view) and came back UP;
-    # HAProxy retried or redispatched nothing (retries 0 in its configuration; its counters say 0).
+    # HAProxy's failure counters did not move (nothing failed, nothing was retried or redispatched).
+    assert watch.sampler_errors == [], watch.sampler_errors[:5]
     for host in deployment.pool.names:
         assert {"MAINT", "DRAIN"} & set(watch.states[host]), watch.states
     assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states
-    assert watch.hidden_failures() == {}, watch.last
-    # The longest request spans the drain: requests were in flight while hosts were taken out.
-    assert load.longest > 1.0, load.summary()
+    assert watch.moved_failure_counters() == {}, watch.last
+    report = deployment.report("rolling_restart")
+    # Requests were in flight when hosts stopped taking new ones (HAProxy's own session count at the
+    # drain), and the drain let them finish: every one of them is among the complete answers above.
+    drained = {host: int(report[host]["roll"]["sessions_at_drain"]) for host in deployment.pool.names}
+    assert sum(drained.values()) > 0, (drained, watch.busy_drains)
     after = {h.name: current_release(h) for h in deployment.pool.hosts}
     assert len(set(after.values())) == 1 and set(after.values()) != set(before.values())
-    report = deployment.report("rolling_restart")
     for host in deployment.pool.names:
         assert report[host]["verified"] is True
         assert report[host]["release"] == after[host]
     record(deployment)
-    summary = f"rolling restart: {load.summary()} through HAProxy; states {watch.states}; releases {before} -> {after}"
+    summary = (f"rolling restart: {load.summary()} through HAProxy; sessions in flight at each drain {drained}; "
+               f"states {watch.states}; releases {before} -> {after}")
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     (LOG_DIR / "rolling-load.txt").write_text(summary + "\n")
     print("\n" + summary)
@@ -252,8 +315,8 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert "--kv-cache-dtype" not in h2.sh("grep ExecStart= /etc/systemd/system/vllm.service").stdout
     for host in (h1, h2, h3):
         assert host.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/health").stdout == "200"
-    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
-    assert watch.hidden_failures() == {}, watch.last
+    assert set(load.outcomes) == {"complete"} and load.every_client_served(), (load.summary(), load.errors[:5])
+    assert watch.sampler_errors == [] and watch.moved_failure_counters() == {}, (watch.sampler_errors, watch.last)
     assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states
     record(deployment)
     # A failed roll still leaves its report: host 2's failure, host 3 not reached.
@@ -287,12 +350,19 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     expected = {h.name: previous_release(h) for h in deployment.pool.hosts}
     assert all((name, rid) in SERVED for name, rid in expected.items()), (expected, sorted(SERVED))
+    # Each release this test returns to served other names than the one it leaves (gamma added/dropped).
+    assert all(SERVED[(h.name, expected[h.name])]["answers"].keys() != SERVED[(h.name, before[h.name])]["answers"].keys()
+               for h in deployment.pool.hosts), SERVED
+    starts = {h.name: h.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic").stdout
+              for h in deployment.pool.hosts}
     result = deployment.play(playbook="rollback.yml")
     assert result.rc == 0, result.tail(120)
     report = deployment.report("rollback")
     for host in deployment.pool.hosts:
         now = snapshot(host)
         assert now["release"] == expected[host.name] != before[host.name]
+        assert now["process_runs_the_unit"] is True
+        assert host.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic").stdout != starts[host.name]
         # The unit's command line, the names served and each one's answer: what that release served.
         assert now == SERVED[(host.name, expected[host.name])], host.name
         assert report[host.name]["release"] == now["release"] and report[host.name]["verified"] is True
@@ -331,7 +401,7 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
               for h in deployment.pool.hosts}
     releases = {h.name: current_release(h) for h in deployment.pool.hosts}
     lock = deployment.workdir / "maint.lock"
-    with Load(url(lb)) as load:
+    with Watch(lb, deployment.pool.names) as watch, Load(url(lb)) as load:
         result = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
                                  vllm_maintenance_window={"start": "00:00", "end": "00:00"},
                                  vllm_maintenance_force=True, vllm_rolling_serial=[1, 2])
@@ -340,7 +410,9 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
     # vllm_rolling_serial [1, 2]: a canary alone, then the two others together (one restart task each batch).
     h1, h2, h3 = deployment.pool.names
     assert batches(result.output, "Restart the service") == [{h1}, {h2, h3}], result.tail(200)
-    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
+    assert set(load.outcomes) == {"complete"} and load.every_client_served(), (load.summary(), load.errors[:5])
+    assert watch.sampler_errors == [] and watch.moved_failure_counters() == {}, (watch.sampler_errors, watch.last)
+    assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states
     report = json.loads((deployment.workdir / "reports" / "maintenance-latest.json").read_text())
     for host in deployment.pool.hosts:
         roll = report["hosts"][host.name]

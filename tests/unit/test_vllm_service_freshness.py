@@ -130,25 +130,20 @@ def test_a_stopped_or_unknown_service_is_never_stale(
     assert result["newest"] == paths[2]
 
 
-def test_a_file_changed_after_the_start_makes_the_service_stale(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The recorded sequence: vllm started, then vllm.env rewritten (a run killed before its restart)."""
+@pytest.mark.parametrize("recording, stale, msg", [
+    # The recorded sequence: vllm started, then vllm.env rewritten (a run killed before its restart) ...
+    ("env-changed", True, "{env} changed after the service started"),
+    # ... and after the restart the same files are current.
+    ("restarted", False, "the service is current"),
+])
+def test_a_file_changed_after_the_start_makes_the_service_stale_until_it_restarts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], recording: str, stale: bool, msg: str) -> None:
     start = systemd_start("running")
     paths = config_files(tmp_path, start - 3600)
     set_mtime(paths[2], ENV_CHANGED)
-    result = run(capsys, Recorded("env-changed"), paths)
-    assert result["stale"] is True and result["newest"] == paths[2]
-    assert result["msg"] == f"{paths[2]} changed after the service started"
-
-
-def test_after_the_restart_the_same_files_are_current(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    start = systemd_start("running")
-    paths = config_files(tmp_path, start - 3600)
-    set_mtime(paths[2], ENV_CHANGED)
-    result = run(capsys, Recorded("restarted"), paths)
-    assert result["stale"] is False and result["newest"] == paths[2]
-    assert result["msg"] == "the service is current"
+    result = run(capsys, Recorded(recording), paths)
+    assert result["stale"] is stale and result["newest"] == paths[2]
+    assert result["msg"] == msg.format(env=paths[2])
 
 
 @pytest.mark.parametrize("after_start, stale", [(-5.0, False), (0.5, False), (1.5, True), (60.0, True)])
