@@ -49,3 +49,13 @@ def test_the_guard_is_active_here() -> None:
 def test_a_test_marked_vllm_may_run_it() -> None:
     with pytest.raises(FileNotFoundError):
         subprocess.run(["/nonexistent/bin/vllm", "serve", "/tmp/model"], check=False)
+
+
+@pytest.mark.parametrize("args", [
+    ["docker", "exec", "host-1", "sh", "-c", "systemctl is-active vllm vllm-proxy.socket"],
+    ["docker", "exec", "host-1", "sh", "-c", "journalctl -u vllm --since '2026-12-05' -o cat"],
+    ["systemctl", "show", "vllm", "-p", "MainPID"],
+    ["ls", "/srv/vllm", "/opt/vllm"],
+])
+def test_a_unit_or_folder_named_vllm_is_not_vllm(args: list[str]) -> None:
+    assert not starts_vllm(args)
