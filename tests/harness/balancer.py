@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from tests.harness import image
 from tests.harness.hosts import HostPool, TestHost
+from tests.unit.loader import load
 
 HAPROXY_CFG = """global
     stats socket /run/haproxy/admin.sock mode 660 level admin
@@ -58,13 +59,12 @@ def haproxy(backends: Sequence[TestHost], prefix: str, port: int = 8000) -> Iter
         yield lb
 
 
+# One parser of `show stat` for the role and its tests: the balancer role's own module.
+HAPROXY_MODULE = load("roles/vllm_balancer/library/vllm_haproxy_server.py", "vllm_haproxy_server_for_tests")
 STATS = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
          "s.sendall(b'show stat\\n'); print(s.makefile().read())")
 
 
 def show_stat(lb: TestHost) -> list[dict[str, str]]:
     """HAProxy's own counters and states (`show stat` on its runtime API), one dict a proxy/server."""
-    text = lb.sh(f"python3 -c {shlex.quote(STATS)}", timeout=30).stdout
-    header, *rows = [line for line in text.splitlines() if line.strip()]
-    names = header.lstrip("# ").split(",")
-    return [dict(zip(names, row.split(","))) for row in rows]
+    return HAPROXY_MODULE.parse_stat(lb.sh(f"python3 -c {shlex.quote(STATS)}", timeout=30).stdout)  # type: ignore[no-any-return]
