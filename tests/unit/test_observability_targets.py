@@ -132,6 +132,13 @@ def test_scrape_jobs_read_the_target_files_and_only_metrics_gets_the_key() -> No
     assert all("authorization" not in job for job in obs.vllm_observability_scrape_configs("/x"))
 
 
+def test_the_health_job_names_a_fallback_protocol_only_when_asked() -> None:
+    """Prometheus 3 refuses vLLM's /health answer (no Content-Type) without one; 2.42 refuses the field."""
+    assert all("fallback_scrape_protocol" not in job for job in obs.vllm_observability_scrape_configs("/x"))
+    jobs = obs.vllm_observability_scrape_configs("/x", health_fallback_protocol="PrometheusText0.0.4")
+    assert [job["job_name"] for job in jobs if "fallback_scrape_protocol" in job] == ["vllm-health"]
+
+
 @pytest.mark.parametrize("with_key", [False, True])
 def test_promtool_accepts_the_written_prometheus_config(tmp_path: Path, with_key: bool) -> None:
     sd_dir, rules_dir = tmp_path / "file_sd", tmp_path / "rules"

@@ -164,9 +164,12 @@ def vllm_observability_targets(
 
 
 def vllm_observability_scrape_configs(file_sd_dir: str, credentials_file: str = "",
-                                      scrape_interval: str = "") -> list[dict[str, Any]]:
+                                      scrape_interval: str = "", health_fallback_protocol: str = "") -> list[dict[str, Any]]:
     """The scrape jobs for prometheus.yml. /metrics gets the credentials file when one is given;
-    /health never needs a key (the role's guard leaves the probes open)."""
+    /health never needs a key (the role's guard leaves the probes open). vLLM answers /health
+    with an empty body and no Content-Type: Prometheus 2 parses that as an empty exposition
+    (up=1), Prometheus 3 refuses it unless the job names a fallback_scrape_protocol, a field
+    Prometheus 2 does not know."""
     jobs = []
     for name, job in JOBS.items():
         config: dict[str, Any] = {"job_name": name}
@@ -174,6 +177,8 @@ def vllm_observability_scrape_configs(file_sd_dir: str, credentials_file: str = 
             config["scrape_interval"] = scrape_interval
         if "metrics_path" in job:
             config["metrics_path"] = job["metrics_path"]
+        if name == "vllm-health" and health_fallback_protocol:
+            config["fallback_scrape_protocol"] = health_fallback_protocol
         if name == "vllm" and credentials_file:
             config["authorization"] = {"type": "Bearer", "credentials_file": credentials_file}
         config["file_sd_configs"] = [{"files": [f"{file_sd_dir.rstrip('/')}/{job['file']}"]}]
