@@ -38,6 +38,16 @@ if ((${#need_pkgs[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+# promtool (in Debian's prometheus package) checks and unit-tests the alert
+# rules and the Prometheus configuration in the unit tier. Without recommends:
+# no node_exporter on the controller. On a systemd host the package starts its
+# own Prometheus (port 9090); the tests use only promtool.
+if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "ok installed"; then
+  log "apt-get install prometheus (for promtool)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 # --- Docker engine (nothing runs it for us on these machines) -------------
 if ! docker info >/dev/null 2>&1; then
   log "starting dockerd"
