@@ -5,9 +5,11 @@ Writes roles/vllm_observability/files/grafana/vllm-dashboard.json; `--check`
 fails when the committed file differs from what this script makes (run by the
 unit tests). Every query uses the target labels the role's file_sd files give
 (host, release, role; jobs vllm and vllm-health) and only metric names vLLM
-0.11.0 exports (tests/unit/data/vllm_0.11.0/metrics_busy.txt; a unit test
-checks each name). Plain dictionaries: the JSON model is small and stable, and
-the controller needs no Grafana library for it.
+0.11.0 exports (tests/unit/data/vllm_0.11.0/metrics_busy.txt), or the requests
+per model the role's shipped middleware adds to vLLM's /metrics
+(vllm_deploy_model_requests_total, recorded in metrics_requests_per_model.txt);
+a unit test checks each name. Plain dictionaries: the JSON model is small and
+stable, and the controller needs no Grafana library for it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'job="vllm", host=~"$host"'
 # An adapter's name inside vllm:lora_requests_info's comma-separated lists.
 ADAPTER = '(.*,)?${adapter:regex}(,.*)?'
+# Requests per selected model, counted by the role's shipped middleware (RequestsPerModel in
+# roles/vllm/files/vllm_lora_name_compat.py) on vLLM's own /metrics: model, kind, code.
+REQUESTS = "vllm_deploy_model_requests_total"
 WIDTH = 24
 
 
@@ -109,6 +114,19 @@ def sections() -> list[dict[str, Any]]:
         panel("timeseries", "Queue time", "Time requests spent waiting for the engine (VllmRequestsWaitingLong).",
               quantiles("vllm:request_queue_time_seconds", (0.5, 0.9)), unit="s"),
         row("LoRA adapters"),
+        panel("timeseries", "Requests per second by model",
+              "Completion requests per selected model: the base, each adapter (selected by `model` or by"
+              " `lora_name`), and other (names the host does not serve, unreadable bodies). Counted by the"
+              f" role's middleware on vLLM's /metrics ({REQUESTS}); vLLM's own counters name the base model"
+              " for adapter requests too.",
+              [target(f"sum by (host, model) (rate({REQUESTS}{{{SEL}}}[$__rate_interval]))", "{{host}} {{model}}")],
+              width=16, unit="reqps"),
+        panel("timeseries", "Failed requests per second by model",
+              "Requests vLLM answered with 4xx or 5xx (or not at all), per selected model; 0 for a model"
+              " without failures (the `or ... * 0`: no failure is a value, not missing data).",
+              [target(f"sum by (host, model) (rate({REQUESTS}{{{SEL}, code!=\"2xx\"}}[$__rate_interval]))"
+                      f" or sum by (host, model) (rate({REQUESTS}{{{SEL}}}[$__rate_interval])) * 0",
+                      "{{host}} {{model}}")], unit="reqps"),
         panel("table", "Adapter sets seen running or waiting",
               "vLLM 0.11 reports adapters only through vllm:lora_requests_info: one series per combination of"
               " adapters with requests running and waiting, its value the last time that combination was seen."
@@ -117,13 +135,18 @@ def sections() -> list[dict[str, Any]]:
                       f" (max_over_time(vllm:lora_requests_info{{{SEL}}}[$__range])) * 1000", instant=True)],
               width=WIDTH, unit="dateTimeAsIso"),
         row("Adapter $adapter", repeat="adapter"),
+        panel("timeseries", "$adapter: requests per second",
+              f"Requests that selected the adapter, by vLLM's answer (code), per host ({REQUESTS}). The adapters"
+              " are the ones the hosts serve (the counter's kind=\"adapter\" series).",
+              [target(f"sum by (host, code) (rate({REQUESTS}{{{SEL}, kind=\"adapter\", model=~\"${{adapter:regex}}\"}}"
+                      f"[$__rate_interval]))", "{{host}} {{code}}")], unit="reqps"),
         panel("timeseries", "$adapter: requests running or waiting",
               "1 when the adapter had requests running (or waiting) in the interval, from the adapter lists of"
-              " vllm:lora_requests_info. The adapters come from the hosts' declarations (vllm_deploy_adapter_declared).",
+              " vllm:lora_requests_info.",
               [target(f"max by (host) (changes(vllm:lora_requests_info{{{SEL}, running_lora_adapters=~\"{ADAPTER}\"}}"
                       f"[$__rate_interval]) > bool 0)", "{{host}} running"),
                target(f"max by (host) (changes(vllm:lora_requests_info{{{SEL}, waiting_lora_adapters=~\"{ADAPTER}\"}}"
-                      f"[$__rate_interval]) > bool 0)", "{{host}} waiting")], width=16),
+                      f"[$__rate_interval]) > bool 0)", "{{host}} waiting")]),
         panel("stat", "$adapter: last request running",
               "Seconds since the adapter last had a request in the running batch, per host.",
               [target(f"time() - max by (host) (vllm:lora_requests_info{{{SEL}, running_lora_adapters=~\"{ADAPTER}\"}})",
@@ -161,7 +184,9 @@ def variables() -> list[dict[str, Any]]:
         {"type": "datasource", "name": "datasource", "label": "Prometheus", "query": "prometheus",
          "current": {}, "hide": 0},
         query("host", "Host", 'label_values(vllm:num_requests_running{job="vllm"}, host)'),
-        query("adapter", "Adapter", "label_values(vllm_deploy_adapter_declared, adapter)"),
+        # The adapters the hosts serve, from the counter (present from start-up, at 0, with the
+        # shipped defaults); the declared ones (vllm_deploy_adapter_declared) need the textfile.
+        query("adapter", "Adapter", f'label_values({REQUESTS}{{job="vllm", kind="adapter"}}, model)'),
     ]
 
 

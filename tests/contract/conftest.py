@@ -28,6 +28,9 @@ SERVED_NAME = "tinyqwen"
 MAX_LORAS = 2
 MAX_MODEL_LEN = 512
 REQUEST_TIMEOUT = 60.0
+# The role's shipped middlewares (copied into the venv's site-packages on a host).
+SHIPPED_MIDDLEWARES = Path(__file__).resolve().parents[2] / "roles" / "vllm" / "files"
+COUNTER_MODULE = "vllm_lora_name_compat"
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +94,13 @@ def live(vllm_venv: Path, tiny: Fixtures, rank_failure: FailedStart | ServerErro
         ["--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN),
          "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS),
          "--max-cpu-loras", "4",
-         "--lora-modules", f"alpha={tiny.adapters['alpha']}", f"beta={tiny.adapters['beta']}"],
+         "--lora-modules", f"alpha={tiny.adapters['alpha']}", f"beta={tiny.adapters['beta']}",
+         # The shipped request counter only observes (the tests of vLLM's own behaviour see vLLM's
+         # answers unchanged); LoraNameMiddleware is left out: lora_name must meet vLLM alone.
+         "--middleware", f"{COUNTER_MODULE}.RequestsPerModel"],
         # the key in the environment, never on the command line
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_API_KEY": api_key},
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_API_KEY": api_key,
+             "PYTHONPATH": str(SHIPPED_MIDDLEWARES)},
         venv=vllm_venv, workdir=tmp_path_factory.mktemp("vllm-live"),
     )
     with server:

@@ -276,3 +276,49 @@ def test_metrics_show_the_running_adapter(live: Live, texts: dict[str, str]) -> 
     assert labels == {"max_lora": str(live.max_loras), "running_lora_adapters": "beta", "waiting_lora_adapters": ""}
     # the value is a timestamp (when that label set was last seen), not a count
     assert math.isclose(value, time.time(), abs_tol=120) and value >= before - 1, value
+
+
+# --- the shipped per-model request counter (RequestsPerModel) -----------------------
+COUNTER = re.compile(r'^vllm_deploy_model_requests_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
+
+
+def counted(live: Live) -> dict[tuple[str, str, str], float]:
+    """{(model, kind, code): value} from the server's own /metrics (no key: a probe path)."""
+    metrics = httpx.get(f"{live.server.url}/metrics").text
+    found = {}
+    for match in COUNTER.finditer(metrics):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        found[(labels["model"], labels["kind"], labels["code"])] = float(match["value"])
+    return found
+
+
+def test_the_shipped_counter_counts_requests_per_model_on_vllm_s_own_metrics(
+        live: Live, tiny: Fixtures, texts: dict[str, str]) -> None:
+    """vLLM 0.11.0 serves prometheus_client's default REGISTRY on /metrics (one API server), loads a
+    --middleware class, and exposes base_model_paths / lora_requests on app.state: the counter
+    counts by the model vLLM served, an adapter loaded at run time included."""
+    before = counted(live)
+    assert {(SERVED_NAME, "base", "2xx"), ("alpha", "adapter", "2xx"), ("beta", "adapter", "2xx")} <= set(before)
+    text_of(chat(live, "alpha"))
+    text_of(chat(live, "alpha"))
+    text_of(chat(live, None))  # no model: the base
+    assert chat(live, "no-such-model").status_code == 404
+    completion = live.client.post("/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2})
+    assert completion.status_code == 200, completion.text
+    assert load(live, "counted", tiny.adapters["gamma"]).status_code == 200
+    try:
+        text_of(chat(live, "counted"))
+    finally:
+        assert unload(live, "counted").status_code == 200
+    no_key = httpx.post(f"{live.server.url}/v1/chat/completions", json={"model": "alpha", "messages": MESSAGES})
+    assert no_key.status_code == 401  # vLLM's key check, inside the counter, answers before reading the body
+
+    after = counted(live)
+    delta = {labels: after[labels] - before.get(labels, 0.0) for labels in after
+             if after[labels] != before.get(labels, 0.0)}
+    assert delta == {("alpha", "adapter", "2xx"): 2, (SERVED_NAME, "base", "2xx"): 1, ("beta", "adapter", "2xx"): 1,
+                     ("counted", "adapter", "2xx"): 1, ("other", "other", "4xx"): 2}, delta
+    # vLLM's own counter cannot tell them apart: every one of these carries the base's name.
+    metrics = httpx.get(f"{live.server.url}/metrics").text
+    names = set(re.findall(r'^vllm:request_success_total\{[^}]*model_name="([^"]*)"', metrics, re.M))
+    assert names == {SERVED_NAME}, names

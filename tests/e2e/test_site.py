@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import testinfra
 
 from tests.e2e.conftest import Deployment
 from tests.harness.hosts import TestHost
+from tests.unit.loader import load
+
+benchmark_module = load("roles/vllm/library/vllm_benchmark.py", "vllm_benchmark_for_e2e")
+
+
+# The benchmark test puts this key on the service (vLLM's client must then really send it); the
+# tests after it ask with it too. A service without a key ignores the header.
+BENCH_KEY = "sk-bench-e2e-7d41c09a5be2"
 
 
 def chat(host: TestHost, body: dict[str, object]) -> tuple[int, dict[str, object]]:
@@ -19,7 +28,8 @@ def chat(host: TestHost, body: dict[str, object]) -> tuple[int, dict[str, object
     payload = shlex.quote(json.dumps(body))
     out = host.sh(
         f"curl -s -o /tmp/body -w '%{{http_code}}' -H 'Content-Type: application/json' "
-        f"-d {payload} http://127.0.0.1:8000/v1/chat/completions; echo; cat /tmp/body"
+        f"-H 'Authorization: Bearer {BENCH_KEY}' -d {payload} http://127.0.0.1:8000/v1/chat/completions; "
+        "echo; cat /tmp/body"
     ).stdout
     status, _, text = out.partition("\n")
     return int(status), json.loads(text)
@@ -202,14 +212,16 @@ def test_without_the_compat_middleware_lora_name_gets_the_base_as_vllm_alone(dep
     assert host.sh("test -e /srv/vllm/adapters/gamma", check=False).returncode != 0
 
 
-# Last in this module: it leaves the host on other releases.
+# Late in this module: it leaves the host on other releases.
 def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
     """The Beelink case: one host, no HAProxy. The roll prepares the release while the old
     process serves, restarts once, verifies; maintenance restarts what runs."""
     host = deployment.pool.hosts[0]
     release_before = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
     journal_mark = host.sh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
-    rolled = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3)
+    # The roll also puts an API key on the service (the Beelink has one): the benchmark test after
+    # this one needs it, and a second restart for it alone would cost a minute.
+    rolled = deployment.play(playbook="rolling_restart.yml", vllm_max_loras=3, vllm_api_key=BENCH_KEY)
     assert rolled.rc == 0, rolled.tail(150)
     release_after = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
     assert release_after != release_before
@@ -225,7 +237,8 @@ def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment
 
     # Nothing changed and no forced restart: the roll verifies, restarts nothing, changes nothing.
     marker = service_start_marker(host)
-    quiet = deployment.play(playbook="rolling_restart.yml", vllm_rolling_force_restart=False, vllm_max_loras=3)
+    quiet = deployment.play(playbook="rolling_restart.yml", vllm_rolling_force_restart=False, vllm_max_loras=3,
+                            vllm_api_key=BENCH_KEY)
     assert quiet.rc == 0, quiet.tail(120)
     assert quiet.changed() == 0, quiet.tail(120)
     assert service_start_marker(host) == marker
@@ -233,13 +246,123 @@ def test_rolling_restart_and_maintenance_of_a_host_without_a_balancer(deployment
 
     lock = deployment.workdir / "maintenance.lock"
     maintained = deployment.play(playbook="maintenance.yml", vllm_maintenance_lock=str(lock),
-                                 vllm_maintenance_force=True)
+                                 vllm_maintenance_force=True, vllm_api_key=BENCH_KEY)
     assert maintained.rc == 0, maintained.tail(120)
     assert service_start_marker(host) != marker
     report = json.loads((deployment.workdir / "reports" / "maintenance-latest.json").read_text())
     restart = report["hosts"][host.name]
     assert restart["old_release"] == restart["new_release"] == release_after and restart["verified"] is True
     assert not lock.exists()
+
+
+# Every process's command line on the host, every 50 ms, while the benchmark runs (ends itself).
+CMDLINE_SAMPLER = """
+import os, time
+seen = set()
+end = time.monotonic() + 900
+while time.monotonic() < end:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                    seen.add(handle.read().replace(b"\\0", b" ").strip())
+            except OSError:
+                pass
+    with open("/run/bench-cmdlines.tmp", "wb") as out:
+        out.write(b"\\n".join(sorted(seen)))
+    os.replace("/run/bench-cmdlines.tmp", "/run/bench-cmdlines")
+    time.sleep(0.05)
+"""
+BENCH_RATES = [8.0, 32.0]
+BENCH_PROMPTS = 6
+
+
+def served_counts(host: TestHost) -> dict[tuple[str, str, str], float]:
+    """The request counter on the host's /metrics, read here, apart from the module."""
+    counts = benchmark_module.parse_counter(host.sh("curl -s http://127.0.0.1:8000/metrics").stdout)
+    assert counts is not None, "the service's /metrics has no vllm_deploy_model_requests_total"
+    return counts
+
+
+def test_benchmark_runs_vllm_s_own_benchmark_and_the_counter_proves_the_adapters(  # type: ignore[no-untyped-def]
+        deployment: Deployment, first_run) -> None:
+    """playbooks/benchmark.yml against this module's host, its service now behind an API key: base,
+    one adapter, a mix, at two rates. The figures are vLLM's (its saved JSON), the per-model counter
+    moved by exactly each case's requests, and the key is on no command line, in no output or report."""
+    host = deployment.pool.hosts[0]
+    # What the roll above left (nothing to do then); run alone, this puts the key on the service.
+    keyed = deployment.play(vllm_api_key=BENCH_KEY, vllm_max_loras=3)
+    assert keyed.rc == 0, keyed.tail(120)
+    unauthorised = host.sh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/v1/models").stdout
+    assert unauthorised == "401", "the service must require the key, or the test proves nothing about it"
+
+    subprocess.run(["docker", "exec", "-i", host.name, "sh", "-c", "cat > /run/bench-sampler.py"],
+                   input=CMDLINE_SAMPLER.encode(), check=True, timeout=30)
+    host.sh("systemd-run --unit bench-cmdline-sampler /usr/bin/python3 /run/bench-sampler.py")
+    before = served_counts(host)
+    started = time.monotonic()
+    result = deployment.play(playbook="benchmark.yml", vllm_api_key=BENCH_KEY,
+                             vllm_benchmark_request_rates=BENCH_RATES, vllm_benchmark_num_prompts=BENCH_PROMPTS,
+                             vllm_benchmark_input_len=32, vllm_benchmark_output_len=16, vllm_benchmark_timeout=180)
+    took = time.monotonic() - started
+    after = served_counts(host)
+    time.sleep(0.3)
+    host.sh("systemctl stop bench-cmdline-sampler", check=False)
+    assert result.rc == 0, result.tail(150)
+
+    reports = deployment.workdir / "reports"
+    report = json.loads((reports / "benchmark-latest.json").read_text())
+    assert report["ok"] is True and report["not_run"] == []
+    mine = report["hosts"][host.name]
+    assert mine["base_model"] == "tiny-qwen2" and mine["adapters"] == ["alpha", "beta"]
+    cases = {(case["case"], case["rate"]): case for case in mine["cases"]}
+    wanted = {"base": [], "adapter": ["alpha"], "mix": ["alpha", "beta"]}
+    assert set(cases) == {(name, rate) for name in wanted for rate in BENCH_RATES}, sorted(cases)
+    for (name, rate), case in cases.items():
+        assert case["ok"] is True and case["adapters"] == wanted[name], case
+        # The figures come from vLLM's own benchmark: the file it saved on the host, fetched as it is.
+        raw_text = (reports / case["raw"]).read_text()
+        assert raw_text == host.sh(f"cat /var/lib/vllm-deploy/benchmark/{name}-r{rate:g}.json").stdout
+        raw = json.loads(raw_text)
+        assert (raw["label"], raw["request_rate"], raw["num_prompts"]) == (name, rate, BENCH_PROMPTS)
+        assert raw["completed"] == BENCH_PROMPTS and raw["total_output_tokens"] == BENCH_PROMPTS * 16
+        assert case["figures"] and all(raw[key] == value for key, value in case["figures"].items())
+        for key in ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+                    "median_itl_ms", "p99_itl_ms"):
+            assert raw[key] > 0 and key in case["figures"], key
+        base = json.loads((reports / cases[("base", rate)]["raw"]).read_text())
+        assert case["ratio_to_base"]["output_throughput"] == round(raw["output_throughput"] / base["output_throughput"], 3)
+        # Each case moved the counter by exactly its requests, on the models it asked for.
+        counted = case["counted"]
+        assert counted["exact"] is True and counted["on_case_models"] == BENCH_PROMPTS, counted
+        models = set(counted["per_model"])
+        assert models == {"tiny-qwen2"} if name == "base" else models <= set(wanted[name]), counted
+        assert all(set(codes) == {"2xx"} for codes in counted["per_model"].values()), counted
+    # Read apart from the module: the whole run's requests, per model, on the host's /metrics.
+    moved = {key: value - before.get(key, 0.0) for key, value in after.items() if value != before.get(key, 0.0)}
+    mix_alpha = sum(cases[("mix", rate)]["counted"]["per_model"].get("alpha", {}).get("2xx", 0) for rate in BENCH_RATES)
+    assert moved == {("tiny-qwen2", "base", "2xx"): 2 * BENCH_PROMPTS,
+                     ("alpha", "adapter", "2xx"): 2 * BENCH_PROMPTS + mix_alpha,
+                     ("beta", "adapter", "2xx"): 2 * BENCH_PROMPTS - mix_alpha}, moved
+    assert 0 < mix_alpha < 2 * BENCH_PROMPTS, "the mix used both adapters"
+
+    table = (reports / "benchmark-latest.md").read_text()
+    assert table.count(f"| mix | alpha, beta |") == len(BENCH_RATES) and "| adapter | alpha |" in table
+    assert report["plot"]["written"] or "matplotlib" in report["plot"]["reason"]
+
+    # The key: on no command line seen on the host, in no output, report or result file.
+    cmdlines = host.sh("cat /run/bench-cmdlines").stdout
+    assert "bench serve" in cmdlines and "--lora-modules alpha beta" in cmdlines, "the sampler saw the benchmark"
+    assert BENCH_KEY not in cmdlines
+    assert BENCH_KEY not in result.output
+    for path in reports.rglob("*"):
+        if path.is_file():
+            assert BENCH_KEY.encode() not in path.read_bytes(), path
+    assert host.sh(f"grep -rl '{BENCH_KEY}' /var/lib/vllm-deploy/benchmark", check=False).stdout == ""
+    print(f"benchmark.yml took {took:.0f} s; measured: " + "; ".join(
+        f"{name}@{rate:g}: {case['figures']['output_throughput']:.1f} tok/s, TTFT p50"
+        f" {case['figures']['median_ttft_ms']:.1f} ms, ITL p50 {case['figures']['median_itl_ms']:.2f} ms"
+        for (name, rate), case in sorted(cases.items())))
 
 
 def test_a_reboot_brings_the_api_port_back_and_crashes_spend_one_start(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = REPO / "tests/unit/data/vllm_0.11.0/metrics_busy.txt"
+# vLLM 0.11.0 with the role's shipped request counter (RequestsPerModel): its series come from there.
+COUNTER_RECORDED = REPO / "tests/unit/data/vllm_0.11.0/metrics_requests_per_model.txt"
+COUNTER_PREFIX = "vllm_deploy_model_requests_"
 # Labels every scraped series gets from the role's file_sd targets and the scrape itself.
 TARGET_LABELS = {"job", "instance", "host", "release", "role"}
 
@@ -76,6 +79,19 @@ def recorded_labels(path: Path = RECORDED) -> dict[str, set[str]]:
     """Metric name -> the label names it carries, for names that have samples."""
     found: dict[str, set[str]] = {}
     for name, labels, _, _ in recorded_series(path):
+        found.setdefault(name, set()).update(labels)
+    return found
+
+
+def counter_series() -> list[tuple[str, dict[str, str], float, str]]:
+    """The shipped middleware's series, as a real vLLM 0.11.0 running it served them on /metrics."""
+    return [series for series in recorded_series(COUNTER_RECORDED) if series[0].startswith(COUNTER_PREFIX)]
+
+
+def counter_labels() -> dict[str, set[str]]:
+    """Metric name -> label names, for the shipped middleware's series."""
+    found: dict[str, set[str]] = {}
+    for name, labels, _, _ in counter_series():
         found.setdefault(name, set()).update(labels)
     return found
 

@@ -1,5 +1,6 @@
 """The Grafana dashboard: generated from code (scripts/gen_dashboard.py), built only on metric
-names vLLM 0.11.0 really exports, and every panel query returns data when fed vLLM's
+names vLLM 0.11.0 really exports (or the role's shipped request counter adds to its /metrics, as
+recorded from a real vLLM running it), and every panel query returns data when fed those
 recorded /metrics (evaluated by promtool, no Grafana needed)."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import yaml
 
 from scripts import gen_dashboard
 from tests.unit.loader import REPO
-from tests.unit.promql import TARGET_LABELS, label_names, metric_names, recorded_labels, recorded_series, run_promtool
+from tests.unit.promql import (TARGET_LABELS, counter_labels, counter_series, label_names, metric_names, recorded_labels,
+                               recorded_series, run_promtool)
 from tests.unit.test_observability_rules import textfile_names
 
 DASHBOARD = REPO / "roles/vllm_observability/files/grafana/vllm-dashboard.json"
@@ -40,8 +42,13 @@ def test_the_committed_dashboard_is_the_generator_s_output() -> None:
     assert DASHBOARD.read_text() == gen_dashboard.render(), "run scripts/gen_dashboard.py"
 
 
+def served_labels() -> dict[str, set[str]]:
+    """What a host's /metrics serves: vLLM 0.11.0's own series and the shipped counter's."""
+    return {**recorded_labels(), **counter_labels()}
+
+
 def test_panels_use_only_metric_names_vllm_exports() -> None:
-    recorded = recorded_labels()
+    recorded = served_labels()
     for title, expr in queries():
         for name in metric_names(expr):
             # `up` is Prometheus' own series for every target (the /metrics and /health scrapes).
@@ -49,14 +56,14 @@ def test_panels_use_only_metric_names_vllm_exports() -> None:
 
 
 def test_panels_use_only_label_names_the_series_carry() -> None:
-    recorded = recorded_labels()
+    recorded = served_labels()
     known = set().union(*recorded.values()) | TARGET_LABELS | {"le"}
     for title, expr in queries():
         assert label_names(expr) <= known, f"{title}: {label_names(expr) - known}"
 
 
 def test_variables_read_vllm_or_the_hosts_own_textfile() -> None:
-    recorded = set(recorded_labels())
+    recorded = set(served_labels())
     for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
         if variable["type"] == "query":
             names = metric_names(re.sub(r"label_values\((.*),\s*\w+\)", r"\1", variable["definition"]))
@@ -69,10 +76,15 @@ def test_the_panels_cover_what_the_issue_asks_for() -> None:
     used = set().union(*(metric_names(expr) for _, expr in queries()))
     assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total",
             "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-            "vllm:kv_cache_usage_perc", "vllm:lora_requests_info", "process_start_time_seconds"} <= used
+            "vllm:kv_cache_usage_perc", "vllm:lora_requests_info", "process_start_time_seconds",
+            "vllm_deploy_model_requests_total"} <= used
     exprs = " ".join(expr for _, expr in queries())
     assert "by (host, release)" in exprs  # the current release, from the targets' label
     assert any(p.get("repeat") == "adapter" for p in json.loads(DASHBOARD.read_text())["panels"])
+    # Adapter requests come from the counter, per adapter: vLLM's own counters name the base model.
+    per_adapter = [expr for title, expr in queries() if "$adapter: requests per second" in title]
+    assert per_adapter and all("vllm_deploy_model_requests_total" in expr and 'kind="adapter"' in expr
+                               for expr in per_adapter)
     assert all('host=~"$host"' in expr for _, expr in queries()), "every panel follows the host selection"
 
 
@@ -87,7 +99,7 @@ def test_every_panel_returns_data_on_recorded_vllm_metrics(tmp_path: Path) -> No
     minutes of scrapes (counters growing, gauges steady, the adapter info refreshed)."""
     target = {"job": "vllm", "instance": "gpu1:8000", "host": "gpu1", "release": "r1", "role": "vllm"}
     series = []
-    for name, labels, value, kind in recorded_series():
+    for name, labels, value, kind in recorded_series() + counter_series():
         growing = kind in ("counter", "histogram") and not name.endswith("_created")
         step = 60 if name == "vllm:lora_requests_info" else (1 if growing else 0)
         series.append({"series": _series_text(name, {**labels, **target}),
