@@ -26,4 +26,5 @@ python scripts/gen_var_docs.py --check
 if ((fast)); then
   exec python -m pytest tests/unit -m "not vllm" "$@"
 fi
-exec python -m pytest tests "$@"
+# The slowest tests, printed at the end: where the time goes when the suite grows.
+exec python -m pytest tests --durations=25 "$@"

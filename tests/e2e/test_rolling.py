@@ -20,6 +20,9 @@ from tests.e2e.conftest import LOCAL_GROUP_VARS, LOG_DIR, Deployment
 from tests.fixtures import tinyqwen
 from tests.harness.balancer import haproxy, ip_of, show_stat, url
 from tests.harness.hosts import HostPool, TestHost, write_inventory
+from tests.harness.prometheus import api, install_node_exporter, query, wait_for
+from tests.unit import test_observability_dashboard as dashboard
+from tests.unit.promql import metric_names
 
 API_KEY = "rolling-test-key-5b8e"
 # What each client asks for, in turn: an adapter by `model`, an adapter by `lora_name` (the shipped
@@ -29,6 +32,8 @@ KINDS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("beta", {"model": "tiny-qwen2", "lora_name": "beta"}),
     ("tiny-qwen2", {"model": "tiny-qwen2"}),
 )
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # Debian's node_exporter reads it
+SCRAPE_INTERVAL = "2s"
 MAX_TOKENS = 96  # long enough that requests are in flight when a host is drained
 
 
@@ -216,12 +221,23 @@ def fleet(software_image: str, fixtures: tinyqwen.Fixtures,
     with HostPool(image=software_image, count=3, prefix="vllm-roll") as pool, \
             haproxy(pool.hosts, prefix="vllm-lb") as lb:
         workdir = tmp_path_factory.mktemp("rolling")
-        common = {"vllm_listen_host": "0.0.0.0", "vllm_api_key": API_KEY, "vllm_balancer_host": lb.name}
-        host_vars = {h.name: dict(common) for h in pool.hosts}
+        # The balancer host is also the monitoring host (group vllm_monitoring, with the shipped
+        # inventory/local/group_vars/vllm_monitoring.yml): the role installs Prometheus there at the
+        # end of the converge, and every play of this module keeps its targets' releases current.
+        # The vLLM hosts run the operator's own node_exporter, reading the role's textfiles.
+        install_node_exporter(pool.hosts)
+        # A LAN with names: Prometheus reaches each host by its inventory name.
+        lb.sh("cat >> /etc/hosts <<'HOSTS'\n" + "".join(f"{ip_of(h)} {h.name}\n" for h in pool.hosts) + "HOSTS")
+        common = {"vllm_listen_host": "0.0.0.0", "vllm_api_key": API_KEY, "vllm_balancer_host": lb.name,
+                  "vllm_observability_textfile_dir": TEXTFILE_DIR}
+        host_vars: dict[str, dict[str, object]] = {h.name: dict(common) for h in pool.hosts}
         # Host 2 gets a flag vLLM refuses, but only when a test asks for it.
         host_vars[pool.hosts[1].name]["vllm_extra_args"] = "{{ rolling_test_bad_args | default([]) }}"
+        # Scrapes every 2 s, so that a test sees a change within seconds (the shipped default: 15 s).
+        host_vars[lb.name] = {"vllm_observability_scrape_interval": SCRAPE_INTERVAL}
         inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS,
-                                    host_vars=host_vars, extra_groups={"balancers": [lb.name]})
+                                    host_vars=host_vars,
+                                    extra_groups={"balancers": [lb.name], "vllm_monitoring": [lb.name]})
         deployment = Deployment(pool, workdir, fixtures, inventory=inventory)
         converged = deployment.play()
         assert converged.rc == 0, converged.tail(120)
@@ -355,7 +371,7 @@ def previous_release(host: TestHost) -> str:
 
 def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
         fleet: tuple[Deployment, TestHost]) -> None:
-    deployment, _lb = fleet
+    deployment, lb = fleet
     before = {h.name: current_release(h) for h in deployment.pool.hosts}
     expected = {h.name: previous_release(h) for h in deployment.pool.hosts}
     assert all((name, rid) in SERVED for name, rid in expected.items()), (expected, sorted(SERVED))
@@ -385,6 +401,17 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
     assert snapshot(h3) == SERVED[(h3.name, before[h3.name])]
     assert {h.name: current_release(h) for h in deployment.pool.hosts[:2]} == \
         {h.name: expected[h.name] for h in deployment.pool.hosts[:2]}, "-l must limit the rollback to one host"
+    # -l left the monitoring host out: its Prometheus still labels h3 with the release before; the run
+    # says so and names the fix, and the fix (monitoring.yml alone, no restart) brings the label up to date.
+    def labelled() -> dict[str, str]:
+        groups = json.loads(lb.sh("cat /etc/prometheus/file_sd/vllm/vllm.json").stdout)
+        return {group["labels"]["host"]: group["labels"]["release"] for group in groups}
+
+    assert "leaves out the monitoring host(s) " + lb.name in named.output and "monitoring.yml" in named.output
+    assert labelled()[h3.name] == expected[h3.name] != before[h3.name]
+    refreshed = deployment.play(playbook="monitoring.yml")
+    assert refreshed.rc == 0, refreshed.tail(60)
+    assert labelled() == {h.name: current_release(h) for h in deployment.pool.hosts}
 
 
 def test_maintenance_refuses_outside_its_window_and_while_locked(fleet: tuple[Deployment, TestHost]) -> None:
@@ -430,3 +457,102 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
         assert float(roll["out_of_service_seconds"]) > 0
         assert host.sh("systemctl show vllm -p ActiveEnterTimestampMonotonic --value").stdout != starts[host.name]
         assert current_release(host) == releases[host.name]
+
+
+# The alert the test causes, and the `for:` it is given here: the shipped 5m would cost this test five
+# minutes of waiting. promtool's unit tests hold the shipped value (tests/unit/data/prometheus).
+FAULT_ALERT, FAULT_FOR_SECONDS = "VllmHostDown", 30
+RULES_FILE = "/etc/prometheus/rules/vllm.rules.yml"
+EVALUATION_SECONDS = 15  # the managed prometheus.yml's evaluation_interval
+# Series an alert reads that a CPU test host cannot have: the GPU gate does not run on vllm_device cpu.
+NOT_ON_A_CPU_HOST = {"vllm_deploy_gpu_gate_ok"}
+
+
+def with_shorter_for(rules: str, alert: str, seconds: int) -> str:
+    """The rules file with `for:` of one alert replaced (the first `for:` after its name)."""
+    head, marker, tail = rules.partition(f"- alert: {alert}\n")
+    assert marker, alert
+    shortened, count = re.subn(r"(\n\s+for: )\S+", rf"\g<1>{seconds}s", tail, count=1)
+    assert count == 1, alert
+    return head + marker + shortened
+
+
+def test_prometheus_watches_the_fleet_and_pages_when_a_host_goes_down(fleet: tuple[Deployment, TestHost]) -> None:
+    """The monitoring host's Prometheus (installed by monitoring.yml, the last play of every run of this
+    module): every target up with its host's current release, every dashboard query and every series an
+    alert reads has data, a healthy fleet pages nothing, and a stopped vLLM pages within `for:`."""
+    deployment, lb = fleet
+    hosts = deployment.pool.hosts
+    expected_jobs = Counter({"prometheus": 1, "vllm": 3, "vllm-health": 3, "vllm-node": 3, "vllm-balancer": 1})
+
+    def every_target_up() -> list[dict[str, Any]] | None:
+        active = api(lb, "targets", state="active")["activeTargets"]
+        up = Counter(t["labels"]["job"] for t in active if t["health"] == "up")
+        return active if up == expected_jobs and len(active) == sum(expected_jobs.values()) else None
+
+    active = wait_for("every target up", every_target_up, timeout=60)
+    # The release label follows the deploys (rolling_restart.yml and rollback.yml end with monitoring.yml).
+    releases = {h.name: current_release(h) for h in hosts}
+    for job in ("vllm", "vllm-health", "vllm-node"):
+        assert {t["labels"]["host"]: t["labels"]["release"] for t in active if t["labels"]["job"] == job} == releases
+    assert [t["labels"]["host"] for t in active if t["labels"]["job"] == "vllm-balancer"] == [lb.name]
+
+    # Traffic through both adapters and the base on every host, long enough to be seen in flight.
+    with Load(url(lb)) as load:
+        time.sleep(20)
+    assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
+    time.sleep(5)  # two scrapes after the last request
+
+    # Every dashboard panel's query returns data, with Grafana's variables as a user leaves them.
+    empty = [title for title, expr in dashboard.queries() if not query(lb, dashboard.grafana_free(expr))]
+    assert empty == [], f"dashboard panels with no data: {empty}"
+
+    # Every rule evaluates without error, reads only series that are scraped, and a healthy fleet pages nothing.
+    rules = [rule for group in api(lb, "rules")["groups"] for rule in group["rules"]]
+    shipped = re.findall(r"- alert: (\w+)", lb.sh(f"cat {RULES_FILE}").stdout)
+    assert sorted(rule["name"] for rule in rules) == sorted(shipped) and len(shipped) >= 9
+    assert {r["name"]: r["lastError"] for r in rules if r["health"] != "ok"} == {}
+    for rule in rules:
+        for name in metric_names(rule["query"]) - NOT_ON_A_CPU_HOST:
+            assert query(lb, f'count({{__name__="{name}"}})'), f"{rule['name']} reads {name}, which has no data"
+    assert {r["name"]: r["alerts"] for r in rules if r["state"] != "inactive"} == {}, "a healthy fleet pages"
+    if len({release for (_, release) in SERVED}) > 1:
+        # After this module's roll, rollback and maintenance, vLLM's own start time changed 3 times or more
+        # on some host; systemd restarted nothing by itself. VllmCrashLooping (inactive, above) counts only
+        # the latter where node_exporter has it.
+        planned = query(lb, 'max(changes(process_start_time_seconds{job="vllm"}[1h]))')
+        assert float(planned[0]["value"][1]) >= 3, planned
+        crashes = query(lb, 'max(increase(node_systemd_service_restart_total{name="vllm.service"}[1h]))')
+        assert float(crashes[0]["value"][1]) == 0, crashes
+
+    # The fault: vLLM stopped on one host. The alert must go pending, then fire after `for:`, for that host only.
+    shorter = with_shorter_for(lb.sh(f"cat {RULES_FILE}").stdout, FAULT_ALERT, FAULT_FOR_SECONDS)
+    lb.sh(f"cat > {RULES_FILE} <<'RULES'\n{shorter}RULES\npromtool check rules {RULES_FILE} && systemctl reload prometheus")
+    wait_for("the shorter for: loaded", lambda: [r for g in api(lb, "rules")["groups"] for r in g["rules"]
+                                                 if r["name"] == FAULT_ALERT and r["duration"] == FAULT_FOR_SECONDS],
+             timeout=30)
+    victim = hosts[2]
+    stopped = time.monotonic()
+    victim.sh("systemctl stop vllm")
+    try:
+        seen: dict[str, float] = {}
+
+        def fired() -> list[dict[str, Any]]:
+            mine = [a for a in api(lb, "alerts")["alerts"] if a["labels"]["alertname"] == FAULT_ALERT]
+            for alert in mine:
+                seen.setdefault(alert["state"], time.monotonic() - stopped)
+            return [a for a in mine if a["state"] == "firing"]
+
+        # Down is seen at the next scrape (2 s), pending at the next evaluation, firing `for:` later, at an evaluation.
+        bound = 2 + EVALUATION_SECONDS + FAULT_FOR_SECONDS + EVALUATION_SECONDS + 10
+        firing = wait_for(f"{FAULT_ALERT} firing", fired, timeout=bound)
+    finally:
+        victim.sh("systemctl start --no-block vllm")
+    assert [a["labels"]["host"] for a in firing] == [victim.name], firing
+    alert = firing[0]
+    assert alert["labels"]["release"] == releases[victim.name] and alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["runbook_url"].endswith("#vllmhostdown") and victim.name in alert["annotations"]["summary"]
+    assert "pending" in seen and seen["firing"] - seen["pending"] >= FAULT_FOR_SECONDS - 2 * 1, seen
+    print(f"prometheus: {len(dashboard.queries())} panel queries and {len(rules)} rules with data;"
+          f" {FAULT_ALERT} (for: {FAULT_FOR_SECONDS}s) pending {seen['pending']:.0f} s and firing"
+          f" {seen['firing']:.0f} s after vLLM stopped (bound {bound} s)")

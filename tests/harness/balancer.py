@@ -29,6 +29,12 @@ defaults
 frontend api
     bind *:80
     default_backend vllm
+# HAProxy's own Prometheus exporter, as its documentation configures it (the
+# vllm_observability role's vllm-balancer job scrapes it).
+frontend prometheus
+    bind *:8405
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
 backend vllm
     balance roundrobin
     option httpchk GET /health

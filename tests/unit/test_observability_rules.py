@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.unit.loader import REPO, load
-from tests.unit.promql import label_names, metric_names, recorded_labels, run_promtool
+from tests.unit.promql import counter_labels, label_names, metric_names, recorded_labels, run_promtool
 
 RULES = REPO / "roles/vllm_observability/files/prometheus/vllm.rules.yml"
 RULE_TESTS = REPO / "tests/unit/data/prometheus/vllm.rules.test.yml"
@@ -94,7 +94,9 @@ def test_alert_reads_only_series_that_exist(alert: dict[str, Any]) -> None:
     vllm = recorded_labels()
     for name in metric_names(alert["expr"]):
         if name.startswith("vllm_deploy_"):
-            assert name in textfile_names(), f"{name}: the hosts' textfile (filter) does not publish it"
+            # This project's series: the hosts' textfile, or the shipped counter on vLLM's /metrics.
+            assert name in textfile_names() | set(counter_labels()), \
+                f"{name}: neither the hosts' textfile (filter) nor the shipped counter publishes it"
         elif name not in OTHER_SOURCES:
             assert name in vllm, f"{name} is not in vLLM 0.11.0's recorded /metrics"
 
@@ -105,7 +107,8 @@ def test_alert_selects_the_role_s_scrape_jobs(alert: dict[str, Any]) -> None:
     for job in jobs:
         assert set(job.split("|")) <= set(observability.JOBS), f"job {job} is not a scrape job of the role"
     labels = label_names(alert["expr"])
-    assert labels <= {"job", "engine", "model_name", "le", "name"}, labels
+    # host: the label the role's targets give each vLLM host and its node_exporter alike (the join).
+    assert labels <= {"job", "engine", "model_name", "le", "name", "host"}, labels
 
 
 def test_the_role_rewrites_only_the_runbook_links() -> None:
