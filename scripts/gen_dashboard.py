@@ -14,11 +14,15 @@ stable, and the controller needs no Grafana library for it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+try:  # imported by the tests as scripts.<name>
+    from scripts import generated
+except ImportError:  # run as scripts/<name>.py
+    import generated  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "roles" / "vllm_observability" / "files" / "grafana" / "vllm-dashboard.json"
@@ -214,19 +218,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(REPO)} is out of date: run scripts/gen_dashboard.py", file=sys.stderr)
-            return 1
-        print(f"{OUT.relative_to(REPO)} matches scripts/gen_dashboard.py")
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    return 0
+    return generated.main(argv, OUT, render, "gen_dashboard.py", __doc__)
 
 
 if __name__ == "__main__":

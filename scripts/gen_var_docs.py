@@ -7,10 +7,14 @@ reference and the specs disagree (run by scripts/test.sh).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+try:  # imported by the tests as scripts.<name>
+    from scripts import generated
+except ImportError:  # run as scripts/<name>.py
+    import generated  # type: ignore[no-redef]
 
 import yaml
 
@@ -65,19 +69,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(REPO)} is out of date: run scripts/gen_var_docs.py", file=sys.stderr)
-            return 1
-        print(f"{OUT.relative_to(REPO)} matches the argument specs")
-        return 0
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(text)
-    return 0
+    return generated.main(argv, OUT, render, "gen_var_docs.py", __doc__)
 
 
 if __name__ == "__main__":
