@@ -87,8 +87,9 @@ def sections() -> list[dict[str, Any]]:
               [target(f"max by (host, release) (process_start_time_seconds{{{SEL}}}) * 1000", instant=True)],
               unit="dateTimeAsIso"),
         panel("timeseries", "Restarts in the last hour",
-              "Starts of vLLM's API server seen in its process_start_time_seconds (the VllmCrashLooping alert pages"
-              " at 3).",
+              "Starts of vLLM's API server seen in its process_start_time_seconds, planned ones (deploys, rolls,"
+              " rollbacks, maintenance) included. VllmCrashLooping pages at 3 restarts systemd made by itself"
+              " (node_exporter's NRestarts), or at 3 of these starts on a host without node_exporter.",
               [target(f"sum by (host) (changes(process_start_time_seconds{{{SEL}}}[1h]))", "{{host}}")]),
         row("Load"),
         panel("timeseries", "Requests running", "Requests in the engine's running batch.",
@@ -179,15 +180,18 @@ def layout(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def variables() -> list[dict[str, Any]]:
     def query(name: str, label: str, expr: str) -> dict[str, Any]:
+        # "All" is sent as .* (allValue), not as the list of values Grafana has seen: a host with
+        # no series in the time range still shows (as DOWN) rather than dropping out of every panel.
         return {"type": "query", "name": name, "label": label, "datasource": DATASOURCE,
                 "query": {"query": expr, "refId": f"{name}-variable"}, "definition": expr,
-                "refresh": 2, "multi": True, "includeAll": True, "sort": 1,
+                "refresh": 2, "multi": True, "includeAll": True, "allValue": ".*", "sort": 1,
                 "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
 
     return [
         {"type": "datasource", "name": "datasource", "label": "Prometheus", "query": "prometheus",
          "current": {}, "hide": 0},
-        query("host", "Host", 'label_values(vllm:num_requests_running{job="vllm"}, host)'),
+        # From `up`: every target of the file_sd files, also a host whose vLLM never answered.
+        query("host", "Host", 'label_values(up{job="vllm"}, host)'),
         # The adapters the hosts serve, from the counter (present from start-up, at 0, with the
         # shipped defaults); the declared ones (vllm_deploy_adapter_declared) need the textfile.
         query("adapter", "Adapter", f'label_values({REQUESTS}{{job="vllm", kind="adapter"}}, model)'),

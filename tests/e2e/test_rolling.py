@@ -234,7 +234,9 @@ def fleet(software_image: str, fixtures: tinyqwen.Fixtures,
         # Host 2 gets a flag vLLM refuses, but only when a test asks for it.
         host_vars[pool.hosts[1].name]["vllm_extra_args"] = "{{ rolling_test_bad_args | default([]) }}"
         # Scrapes every 2 s, so that a test sees a change within seconds (the shipped default: 15 s).
-        host_vars[lb.name] = {"vllm_observability_scrape_interval": SCRAPE_INTERVAL}
+        # The test balancer has HAProxy's exporter frontend (tests/harness/balancer.py), as README says.
+        host_vars[lb.name] = {"vllm_observability_scrape_interval": SCRAPE_INTERVAL,
+                              "vllm_observability_balancer_metrics_port": 8405}
         inventory = write_inventory(workdir / "inventory", pool.names, group_vars_from=LOCAL_GROUP_VARS,
                                     host_vars=host_vars,
                                     extra_groups={"balancers": [lb.name], "vllm_monitoring": [lb.name]})
@@ -493,8 +495,11 @@ def test_prometheus_watches_the_fleet_and_pages_when_a_host_goes_down(fleet: tup
     active = wait_for("every target up", every_target_up, timeout=60)
     # The release label follows the deploys (rolling_restart.yml and rollback.yml end with monitoring.yml).
     releases = {h.name: current_release(h) for h in hosts}
-    for job in ("vllm", "vllm-health", "vllm-node"):
+    for job in ("vllm", "vllm-health"):
         assert {t["labels"]["host"]: t["labels"]["release"] for t in active if t["labels"]["job"] == job} == releases
+    # node_exporter's targets carry the host, not the release (a deploy must not relabel every node series).
+    assert sorted(t["labels"]["host"] for t in active if t["labels"]["job"] == "vllm-node") == sorted(releases)
+    assert all("release" not in t["labels"] for t in active if t["labels"]["job"] == "vllm-node")
     assert [t["labels"]["host"] for t in active if t["labels"]["job"] == "vllm-balancer"] == [lb.name]
 
     # Traffic through both adapters and the base on every host, long enough to be seen in flight.

@@ -102,7 +102,8 @@ def test_a_new_release_replaces_the_old_label() -> None:
     assert targets(["gpu1"], moved, previous=previous)["vllm.json"][0]["labels"]["release"] == "aaaaaaaaaaaa"
 
 
-@pytest.mark.parametrize("labels", [{"host": "x"}, {"role": "x"}, {"__metrics_path__": "/x"}, {"bad-name": "x"}])
+@pytest.mark.parametrize("labels", [{"host": "x"}, {"role": "x"}, {"__metrics_path__": "/x"}, {"bad-name": "x"},
+                                    {"job": "x"}, {"instance": "x"}, {"1dc": "x"}, {"release": "x"}])
 def test_extra_labels_cannot_replace_the_inventory_s(labels: dict[str, str]) -> None:
     hostvars = {"gpu1": {**FLEET["gpu1"], "vllm_observability_target_labels": labels}}
     with pytest.raises(obs.AnsibleFilterError, match="vllm_observability_target_labels"):
@@ -120,6 +121,16 @@ def test_node_targets_carry_the_same_host_labels() -> None:
     assert [group["targets"] for group in found] == [["10.0.0.11:9100"], ["[fd00::13]:9100"]]
     assert [group["labels"]["role"] for group in found] == ["node", "node"]
     assert found[1]["labels"]["site"] == "lab"
+    # No release on node_exporter's targets: a deploy must not relabel every node series (and the
+    # textfile's vllm_deploy_release_info keeps its own `release` label, not `exported_release`).
+    assert all("release" not in group["labels"] for group in found)
+
+
+def test_a_balancer_that_is_not_an_inventory_host_is_refused_with_the_fix() -> None:
+    by_address = {"gpu1": {**FLEET["gpu1"], "vllm_balancer_host": "10.9.9.9"}}
+    with pytest.raises(obs.AnsibleFilterError, match="vllm_balancer_host='10.9.9.9'.*inventory name"):
+        targets(["gpu1"], by_address, balancer_metrics_port=8405)
+    assert targets(["gpu1"], by_address, balancer_metrics_port=0)["balancer.json"] == []
 
 
 def test_scrape_jobs_read_the_target_files_and_only_metrics_gets_the_key() -> None:

@@ -262,6 +262,30 @@ def test_a_host_without_the_counter_fails_the_case(
     assert result["ok"] is False and result["counted"]["counter_present"] is False
 
 
+class DiesDuringTheCase(FakeVllm):
+    """Its /metrics answers before the case, then no longer (the service went down meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics_reads = 0
+
+    def answer(self, request: Request) -> tuple[int, Any]:
+        if request.path == "/metrics":
+            self.metrics_reads += 1
+            if self.metrics_reads > 1:
+                return 503, {"error": "down"}
+        return super().answer(request)
+
+
+def test_a_service_that_stops_answering_during_the_case_is_not_blamed_on_an_old_release(
+        capsys: pytest.CaptureFixture[str], fake_bench: FakeBench, tmp_path: Path) -> None:
+    with DiesDuringTheCase() as dying:
+        code, result, _ = run_case(capsys, dying, fake_bench, tmp_path)
+    assert result["ok"] is False and result["counted"]["counter_present"] is False
+    assert "did not answer after the case" in result["problems"][0] and "is the service still up" in result["problems"][0]
+    assert not any("predates" in problem for problem in result["problems"]), result["problems"]
+
+
 # --- the plan and the report ---------------------------------------------------------
 
 

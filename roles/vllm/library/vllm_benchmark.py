@@ -181,8 +181,10 @@ def deltas(before: Dict[Key, float], after: Dict[Key, float]) -> Dict[Key, float
 
 
 def judge(case_models: List[str], kind: str, expected: int, changed: Optional[Dict[Key, float]],
-          completed: Optional[int], bench_problem: str = "") -> Tuple[List[str], Dict[str, Any]]:
-    """(problems, counted) for one case. `changed` None: the host has no counter."""
+          completed: Optional[int], bench_problem: str = "",
+          unread: str = "") -> Tuple[List[str], Dict[str, Any]]:
+    """(problems, counted) for one case. `changed` None: the host has no counter, or (`unread`
+    says why) its /metrics did not answer after the case."""
     problems: List[str] = []
     if bench_problem:
         problems.append(bench_problem)
@@ -191,8 +193,8 @@ def judge(case_models: List[str], kind: str, expected: int, changed: Optional[Di
                         f" {completed} completed)")
     counted: Dict[str, Any] = {"expected": expected, "counter_present": changed is not None}
     if changed is None:
-        problems.append(f"the host's /metrics has no {COUNTER}: the release it serves predates the role's"
-                        " request counter; deploy it with playbooks/site.yml, then benchmark again")
+        problems.append(unread or f"the host's /metrics has no {COUNTER}: the release it serves predates the"
+                        " role's request counter; deploy it with playbooks/site.yml, then benchmark again")
         counted.update({"on_case_models": None, "elsewhere": None, "per_model": {}, "exact": False})
         return problems, counted
     per_model: Dict[str, Dict[str, float]] = {}
@@ -324,11 +326,13 @@ def main() -> None:
     argv = bench_argv(params, result_file)
     code, elapsed = run_bench(argv, bench_env(work, params["api_key"]), work, os.path.join(work, "bench.log"),
                               params["timeout"])
+    unread = ""
     try:
         after = read_counter(params["url"], params["api_key"])
     except (urllib.error.URLError, OSError) as error:
         after = None
-        module.warn(f"{params['url']}/metrics did not answer after the case: {error}")
+        unread = (f"{params['url']}/metrics did not answer after the case ({error}): the requests cannot be"
+                  " counted; is the service still up? (systemctl status, journalctl -u of the unit)")
 
     saved: Dict[str, Any] = {}
     bench_problem = ""
@@ -344,7 +348,7 @@ def main() -> None:
     changed = deltas(before, after) if before is not None and after is not None else None
     completed = saved.get("completed") if isinstance(saved.get("completed"), int) else None
     problems, counted = judge(case_models, kind, params["num_prompts"], changed,
-                              completed if saved else None, bench_problem)
+                              completed if saved else None, bench_problem, unread)
     module.exit_json(changed=False, ok=not problems, problems=problems, saved=saved, result_file=result_file,
                      counted=counted, argv=argv, elapsed=elapsed,
                      log_tail=tail(os.path.join(work, "bench.log")) if problems else "")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -49,8 +50,12 @@ JOBS = {
     "vllm-node": {"file": "node.json"},
 }
 UNKNOWN_RELEASE = "unknown"
-# A label value is any UTF-8 text; a label name is not (Prometheus' data model).
-LABEL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+# A label value is any UTF-8 text; a label name is not (Prometheus' data model). A name
+# Prometheus refuses makes it refuse the whole file_sd file, and keep the old targets.
+LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set by the inventory (host, release, role) or by Prometheus itself: a target label `job`
+# would win over the scrape job's name, and every job="vllm" alert would miss that host.
+RESERVED_LABELS = {"host", "release", "role", "job", "instance"}
 
 
 def _get(hostvars: Mapping[str, Any], host: str, name: str, default: Any) -> Any:
@@ -92,14 +97,21 @@ def _vllm_address(hostvars: Mapping[str, Any], host: str, monitor: str, defaults
     return _address(address, port)
 
 
-def _labels(hostvars: Mapping[str, Any], host: str, role: str, release: str) -> dict[str, str]:
+def _labels(hostvars: Mapping[str, Any], host: str, role: str, release: str | None) -> dict[str, str]:
+    """The target's labels: the operator's extra ones, then host, role and (vLLM targets only)
+    release. node_exporter's targets get no release: a deploy would relabel every node series."""
     extra = _get(hostvars, host, "vllm_observability_target_labels", {}) or {}
-    reserved = {"host", "release", "role"} | {name for name in extra if name.startswith("__")}
-    bad = sorted(name for name in extra if name in reserved or not set(str(name)) <= LABEL_NAME_CHARS)
+    bad = sorted(str(name) for name in extra
+                 if name in RESERVED_LABELS or str(name).startswith("__") or not LABEL_NAME.fullmatch(str(name)))
     if bad:
         raise AnsibleFilterError(f"{host}: vllm_observability_target_labels may not set {', '.join(bad)}"
-                                 " (host, release and role come from the inventory; names are letters, digits, _)")
-    return {**{str(k): str(v) for k, v in extra.items()}, "host": host, "release": release, "role": role}
+                                 " (host, release and role come from the inventory, job and instance from"
+                                 " Prometheus, names starting with __ are Prometheus' own; a name is a letter"
+                                 " or _, then letters, digits, _)")
+    labels = {**{str(k): str(v) for k, v in extra.items()}, "host": host, "role": role}
+    if release is not None:
+        labels["release"] = release
+    return labels
 
 
 def _release(hostvars: Mapping[str, Any], host: str, previous: Mapping[str, str]) -> str:
@@ -148,7 +160,7 @@ def vllm_observability_targets(
         if int(node_exporter_port) > 0:
             reach = "127.0.0.1" if host == monitor else _reach(hostvars, host)
             node.append({"targets": [_address(reach, int(node_exporter_port))],
-                         "labels": _labels(hostvars, host, "node", release)})
+                         "labels": _labels(hostvars, host, "node", None)})
         balancer = str(_get(hostvars, host, "vllm_balancer_host", ""))
         if balancer:
             balancers.add(balancer)
@@ -157,6 +169,11 @@ def vllm_observability_targets(
     balancer_groups = []
     if int(balancer_metrics_port) > 0:
         for balancer in sorted(balancers):
+            if balancer not in hostvars:
+                raise AnsibleFilterError(
+                    f"vllm_balancer_host={balancer!r} is not a host of this inventory, so the monitoring host"
+                    " cannot tell how to reach its exporter. Fix: name the balancer by its inventory name (and"
+                    " give it ansible_host), or set vllm_observability_balancer_metrics_port: 0.")
             reach = "127.0.0.1" if balancer == monitor else _reach(hostvars, balancer)
             balancer_groups.append({"targets": [_address(reach, int(balancer_metrics_port))],
                                     "labels": {"host": balancer, "role": "balancer"}})
