@@ -277,6 +277,12 @@ def snapshot(host: TestHost) -> dict[str, Any]:
             "process_runs_the_unit": cmdline[-(len(argv) - 1):] == argv[1:]}
 
 
+def labelled(lb: TestHost) -> dict[str, str]:
+    """The release label of each vLLM host in the monitoring host's file_sd targets."""
+    groups = json.loads(lb.sh("cat /etc/prometheus/file_sd/vllm/vllm.json").stdout)
+    return {group["labels"]["host"]: group["labels"]["release"] for group in groups}
+
+
 def record(deployment: Deployment) -> None:
     for host in deployment.pool.hosts:
         now = snapshot(host)
@@ -333,6 +339,10 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert result.rc != 0
     assert f"{h2.name}: the new release failed" in result.output, result.tail(80)
     assert f"rolled back to release {before[h2.name]}" in result.output
+    # The failed roll stops before monitoring.yml: Prometheus still labels host 1 with its old release,
+    # and the message says so with the fix.
+    assert "Prometheus keeps the release labels it had; run playbooks/monitoring.yml" in result.output
+    assert labelled(lb)[h1.name] == before[h1.name]
     # host 1 runs the new release, host 2 is back on its previous one, host 3 untouched.
     assert current_release(h1) != before[h1.name]
     assert current_release(h2) == before[h2.name]
@@ -405,15 +415,11 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
         {h.name: expected[h.name] for h in deployment.pool.hosts[:2]}, "-l must limit the rollback to one host"
     # -l left the monitoring host out: its Prometheus still labels h3 with the release before; the run
     # says so and names the fix, and the fix (monitoring.yml alone, no restart) brings the label up to date.
-    def labelled() -> dict[str, str]:
-        groups = json.loads(lb.sh("cat /etc/prometheus/file_sd/vllm/vllm.json").stdout)
-        return {group["labels"]["host"]: group["labels"]["release"] for group in groups}
-
     assert "leaves out the monitoring host(s) " + lb.name in named.output and "monitoring.yml" in named.output
-    assert labelled()[h3.name] == expected[h3.name] != before[h3.name]
+    assert labelled(lb)[h3.name] == expected[h3.name] != before[h3.name]
     refreshed = deployment.play(playbook="monitoring.yml")
     assert refreshed.rc == 0, refreshed.tail(60)
-    assert labelled() == {h.name: current_release(h) for h in deployment.pool.hosts}
+    assert labelled(lb) == {h.name: current_release(h) for h in deployment.pool.hosts}
 
 
 def test_maintenance_refuses_outside_its_window_and_while_locked(fleet: tuple[Deployment, TestHost]) -> None:
