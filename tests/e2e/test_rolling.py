@@ -528,12 +528,14 @@ def test_prometheus_watches_the_fleet_and_pages_when_a_host_goes_down(fleet: tup
             assert query(lb, f'count({{__name__="{name}"}})'), f"{rule['name']} reads {name}, which has no data"
     assert {r["name"]: r["alerts"] for r in rules if r["state"] != "inactive"} == {}, "a healthy fleet pages"
     if len({release for (_, release) in SERVED}) > 1:
-        # After this module's roll, rollback and maintenance, vLLM's own start time changed 3 times or more
-        # on some host; systemd restarted nothing by itself. VllmCrashLooping (inactive, above) counts only
-        # the latter where node_exporter has it.
-        planned = query(lb, 'max(changes(process_start_time_seconds{job="vllm"}[1h]))')
+        # After this module's roll, failed roll, rollback and maintenance, host 1 (the canary, which never
+        # crashed; host 2's refused flag made systemd restart it by itself) started 3 times or more on
+        # purpose, and systemd restarted it never. VllmCrashLooping (inactive, above) counts only the latter
+        # where node_exporter has it; on vLLM's start time alone it would have paged.
+        canary = hosts[0].name
+        planned = query(lb, f'changes(process_start_time_seconds{{job="vllm", host="{canary}"}}[1h])')
         assert float(planned[0]["value"][1]) >= 3, planned
-        crashes = query(lb, 'max(increase(node_systemd_service_restart_total{name="vllm.service"}[1h]))')
+        crashes = query(lb, f'increase(node_systemd_service_restart_total{{name="vllm.service", host="{canary}"}}[1h])')
         assert float(crashes[0]["value"][1]) == 0, crashes
 
     # The fault: vLLM stopped on one host. The alert must go pending, then fire after `for:`, for that host only.
