@@ -341,7 +341,7 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert f"rolled back to release {before[h2.name]}" in result.output
     # The failed roll stops before monitoring.yml: Prometheus still labels host 1 with its old release,
     # and the message says so with the fix.
-    assert "Prometheus keeps the release labels it had; run playbooks/monitoring.yml" in result.output
+    assert "run playbooks/monitoring.yml once the hosts are fixed" in result.output
     assert labelled(lb)[h1.name] == before[h1.name]
     # host 1 runs the new release, host 2 is back on its previous one, host 3 untouched.
     assert current_release(h1) != before[h1.name]
