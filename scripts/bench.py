@@ -22,6 +22,7 @@ python from the repository root.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import sys
@@ -34,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Ansible's collection loader first: the harness imports this collection's modules by FQCN.
+import tests.conftest  # noqa: E402,F401
 from tests.e2e.conftest import declaration_vars, write_vars  # noqa: E402
 from tests.fixtures import tinyqwen  # noqa: E402
 from tests.harness.ansible import run_playbook  # noqa: E402
@@ -136,8 +139,9 @@ def best_of(repeats: int, run) -> float:  # type: ignore[no-untyped-def]
 
 
 def bench_preflight(workdir: Path, repeats: int) -> None:
-    load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")
-    adapters = load("roles/vllm/module_utils/vllm_adapters.py", "ansible.module_utils.vllm_adapters")
+    load("plugins/module_utils/vllm_files.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files")
+    adapters = load("plugins/module_utils/vllm_adapters.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_adapters")
+    safetensors = importlib.import_module("ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_safetensors")
     model = workdir / "qwen2.5-7b"
     model.mkdir()
     ids = {token: index for index, token in enumerate(tinyqwen.SPECIAL_TOKENS)}
@@ -158,13 +162,13 @@ def bench_preflight(workdir: Path, repeats: int) -> None:
 
         header = best_of(repeats, lambda: check(False))
         full = best_of(repeats, lambda: check(True))
-        entries = adapters.read_safetensors_index(str(path / "adapter_model.safetensors"))
+        entries = safetensors.read_safetensors_index(str(path / "adapter_model.safetensors"))
         params = sum(e.end - e.start for e in entries.values()) // (2 if dtype == "bfloat16" else 4)
         mbytes = (path / "adapter_model.safetensors").stat().st_size / 1e6
         print(f"{'BF16' if dtype == 'bfloat16' else 'F32':<6} {len(entries):>7} {params:>11,} {mbytes:>6.0f} {header:>9.4f} {full:>7.3f} "
               f"{full / header:>11.0f} {mbytes / full:>6.0f}")
     print("target: full < 2 s. header: adapter_config.json + the safetensors header; full: also every lora_A/")
-    print(f"lora_B value (NaN/Inf, all-zero lora_B), read {adapters.DATA_CHUNK_BYTES >> 20} MiB at a time.")
+    print(f"lora_B value (NaN/Inf, all-zero lora_B), read {safetensors.DATA_CHUNK_BYTES >> 20} MiB at a time.")
 
 
 def main(argv: list[str]) -> int:

@@ -15,17 +15,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str], out: Path, render: Callable[[], str], script: str, description: str | None) -> int:
+    return main_many(argv, {out: render}, script, description)
+
+
+def main_many(argv: list[str], outputs: dict[Path, Callable[[], str]], script: str,
+              description: str | None) -> int:
+    """Write (or with --check, compare) every file of `outputs` with its renderer's text."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--check", action="store_true", help="fail when the committed file is out of date")
+    parser.add_argument("--check", action="store_true", help="fail when a committed file is out of date")
     args = parser.parse_args(argv)
-    text = render()
-    name = out.relative_to(REPO)
-    if args.check:
-        if not out.exists() or out.read_text() != text:
-            print(f"{name} is out of date: run scripts/{script}", file=sys.stderr)
-            return 1
-        print(f"{name} matches scripts/{script}")
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return 0
+    stale = 0
+    for out, render in outputs.items():
+        text = render()
+        name = out.relative_to(REPO)
+        if args.check:
+            if not out.exists() or out.read_text() != text:
+                print(f"{name} is out of date: run scripts/{script}", file=sys.stderr)
+                stale += 1
+            else:
+                print(f"{name} matches scripts/{script}")
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return 1 if stale else 0

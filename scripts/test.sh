@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it:
 #   scripts/test.sh          setup (cached), lint, unit, contract tests on a real
 #                            vLLM 0.11.0, end-to-end tests on systemd containers
-#   scripts/test.sh --fast   lint + unit tests only (seconds; needs the venv)
+#   scripts/test.sh --fast   lint, collection sanity, unit tests (under a minute; needs the venv)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -22,6 +22,8 @@ echo "== ansible-lint (production profile, offline)"
 ansible-lint --offline --profile production
 echo "== argument_specs vs docs"
 python scripts/gen_var_docs.py --check
+echo "== collection: build the tarball, install it elsewhere, ansible-test sanity on the installed copy"
+scripts/collection.sh
 
 if ((fast)); then
   exec python -m pytest tests/unit -m "not vllm" "$@"

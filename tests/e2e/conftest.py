@@ -97,12 +97,13 @@ class Deployment:
         return json.loads((self.workdir / "reports" / f"{name}-latest.json").read_text())
 
     def play(self, *extra_args: str, adapters: tuple[str, ...] = ("alpha", "beta"),
-             playbook: str = "site.yml", **overrides: object) -> PlayResult:
+             playbook: str = "site.yml", project: Path | None = None,
+             env: dict[str, str] | None = None, **overrides: object) -> PlayResult:
         self.runs += 1
         overrides.setdefault("vllm_report_dir", str(self.workdir / "reports"))
         vars_file = write_vars(self.workdir / f"vars-{self.runs}.json",
                                declaration_vars(self.fixtures, adapters, **overrides))
-        return run_playbook(playbook, self.inventory, extra_args=extra_args,
+        return run_playbook(playbook, self.inventory, extra_args=extra_args, project=project, env=env,
                             extra_vars_files=[vars_file], log=LOG_DIR / f"{self.workdir.name}.log")
 
 

@@ -80,11 +80,11 @@ def test_a_broken_adapter_is_refused_before_the_host_changes(converged, broken: 
 @pytest.mark.parametrize("overrides, needle", [
     ({"vllm_max_lora_rank": 24}, "vllm_max_lora_rank"),
     ({"vllm_max_lora_rank": 8}, "LoRA rank 16 is greater than max_lora_rank 8"),
-    ({"vllm_max_cpu_loras": 1}, "vllm_max_cpu_loras=1 is below vllm_max_loras=2"),
+    ({"vllm_max_cpu_loras": 1}, "vllm_max_cpu_loras=1: must be >= max_loras 2"),
     ({"vllm_port": "eighty"}, "vllm_port"),
     ("served-name", "equals a served model name"),
-    ("duplicate", "is declared twice"),
-    ("unsafe", "an adapter name must be"),
+    ("duplicate", "declared more than once"),
+    ("unsafe", "not safe in a path or URL"),
 ], ids=["rank-not-allowed", "rank-too-small", "cpu-loras", "port-type", "served-name", "duplicate", "unsafe-name"])
 def test_a_bad_setting_is_refused_before_the_host_changes(converged, overrides, needle: str) -> None:  # type: ignore[no-untyped-def]
     deployment, text, state = converged

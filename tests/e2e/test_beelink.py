@@ -151,7 +151,7 @@ def test_check_diff_on_a_new_host_runs_clean(software_image: str, fixtures: tiny
         assert result.recap[host.name]["failed"] == 0, result.tail(80)
         # It reports what it would change: the user, the unit (its diff shows the command line), a start.
         assert result.recap[host.name]["changed"] > 5, result.tail(80)
-        assert "TASK [vllm : Write the systemd unit (checked with systemd-analyze verify)]" in result.output
+        assert "TASK [inference.vllm_lora.vllm : Write the systemd unit (checked with systemd-analyze verify)]" in result.output
         assert "+ExecStart=/opt/vllm/venvs/" in result.output, result.tail(80)
         assert host.sh("id vllm", check=False).returncode != 0, "check mode created the user"
         assert host.sh("test -e /etc/systemd/system/vllm.service || test -e /opt/vllm", check=False).returncode != 0

@@ -126,9 +126,9 @@ def test_converge_installs_pins_and_holds_from_debians_archive(stage: Stage) -> 
 
     blacklist = host.sh("cat /etc/modprobe.d/blacklist-nouveau.conf").stdout
     assert "blacklist nouveau" in blacklist and "options nouveau modeset=0" in blacklist
-    assert "RUNNING HANDLER [nvidia_driver : Regenerate the initramfs without nouveau]" in result.output
+    assert "RUNNING HANDLER [inference.vllm_lora.nvidia_driver : Regenerate the initramfs without nouveau]" in result.output
     # nvidia_driver_reboot: false, so the driver change is reported instead of rebooting
-    assert "RUNNING HANDLER [nvidia_driver : Warn that the NVIDIA driver waits for a reboot]" in result.output
+    assert "RUNNING HANDLER [inference.vllm_lora.nvidia_driver : Warn that the NVIDIA driver waits for a reboot]" in result.output
 
     assert host.sh("systemctl is-enabled nvidia-persistenced.service").stdout.strip() == "enabled"
     record = json.loads(host.sh("cat /etc/ansible/facts.d/nvidia_driver.fact").stdout)

@@ -273,7 +273,12 @@ def snapshot(host: TestHost) -> dict[str, Any]:
     pid = host.sh("systemctl show vllm -p MainPID --value").stdout.strip()
     cmdline = host.sh(f"cat /proc/{pid}/cmdline").stdout.split("\0")[:-1]
     argv = shlex.split(exec_start.split("=", 1)[1])
-    return {"release": current_release(host), "answers": answers, "exec_start": exec_start,
+    # The middlewares the process imports: its release's own folder, and those files' digests.
+    environ = dict(line.split("=", 1) for line in host.sh(f"cat /proc/{pid}/environ").stdout.split("\0") if "=" in line)
+    release = current_release(host)
+    assert environ.get("PYTHONPATH") == f"/opt/vllm/releases/{release}/python", environ.get("PYTHONPATH")
+    middleware = host.sh(f"cd {environ['PYTHONPATH']} && sha256sum *.py").stdout
+    return {"release": release, "answers": answers, "exec_start": exec_start, "middleware": middleware,
             "process_runs_the_unit": cmdline[-(len(argv) - 1):] == argv[1:]}
 
 
@@ -297,10 +302,14 @@ def test_rolling_restart_serves_every_request(fleet: tuple[Deployment, TestHost]
         time.sleep(3)
         # A changed engine setting and one more adapter make a new release on every host (the adapter
         # also tells this release's answers from the previous one's, for the rollback test).
+        # A canary alone, then the two others together: the shipped one-at-a-time (the default) is
+        # the failed roll's below, where host 1 rolls, host 2 fails and host 3 is never reached.
         result = deployment.play(playbook="rolling_restart.yml", adapters=("alpha", "beta", "gamma"),
-                                 vllm_max_loras=3)
+                                 vllm_max_loras=3, vllm_rolling_serial=[1, 2])
         time.sleep(3)
     assert result.rc == 0, result.tail(150)
+    h1, h2, h3 = deployment.pool.names
+    assert batches(result.output, "Restart the service") == [{h1}, {h2, h3}], result.tail(200)
     assert load.outcomes["complete"] >= 20 and load.every_client_served(), load.summary()
     assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
     # Each host was taken out by the balancer role (MAINT/DRAIN in HAProxy's own view) and came back UP;
@@ -392,8 +401,10 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
                for h in deployment.pool.hosts), SERVED
     starts = {h.name: h.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic").stdout
               for h in deployment.pool.hosts}
-    result = deployment.play(playbook="rollback.yml")
+    result = deployment.play(playbook="rollback.yml", vllm_rolling_serial=[1, 2])
     assert result.rc == 0, result.tail(120)
+    n1, n2, n3 = deployment.pool.names
+    assert batches(result.output, "Restart on the earlier release") == [{n1}, {n2, n3}], result.tail(200)
     report = deployment.report("rollback")
     for host in deployment.pool.hosts:
         now = snapshot(host)
@@ -420,6 +431,20 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
     refreshed = deployment.play(playbook="monitoring.yml")
     assert refreshed.rc == 0, refreshed.tail(60)
     assert labelled(lb) == {h.name: current_release(h) for h in deployment.pool.hosts}
+
+    # A release that does not exist (a typo): refused before the host leaves the balancer, the service
+    # untouched, and the failure in the rollback's report (before: no report at all).
+    serving = h3.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic").stdout
+    typo = deployment.play("-l", h3.name, playbook="rollback.yml", vllm_rollback_to="0123456789ab")
+    assert typo.rc != 0
+    assert f'{h3.name}: the rollback failed at "Find the release to return to"' in typo.output, typo.tail(60)
+    assert "'0123456789ab'" in typo.output and "It was not drained: it serves as before." in typo.output
+    failed = deployment.report("rollback")
+    assert failed[h3.name]["verified"] is False and failed[h3.name]["rollback"]["drained"] is False, failed
+    assert "no release to roll back to" in failed[h3.name]["rollback"]["failed"]
+    assert {failed[h.name]["reached"] for h in deployment.pool.hosts[:2]} == {False}, failed
+    assert h3.sh("systemctl show vllm -p MainPID -p ActiveEnterTimestampMonotonic").stdout == serving
+    assert {row["svname"]: row["status"] for row in show_stat(lb) if row["pxname"] == "vllm"}[h3.name] == "UP"
 
 
 def test_maintenance_refuses_outside_its_window_and_while_locked(fleet: tuple[Deployment, TestHost]) -> None:

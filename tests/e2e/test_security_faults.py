@@ -204,7 +204,7 @@ def sha256(path: Path) -> str:
 
 
 def task_names(output: str) -> list[str]:
-    return re.findall(r"^TASK \[vllm : (.*?)\](?: \**)?\s*$", output, re.MULTILINE)
+    return re.findall(r"^TASK \[inference\.vllm_lora\.vllm : (.*?)\](?: \**)?\s*$", output, re.MULTILINE)
 
 
 class ServedDirWatch:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import testinfra
 
 from tests.e2e.conftest import Deployment
 from tests.harness.hosts import TestHost
-from tests.unit.loader import load
+from tests.unit.loader import REPO, load
 
-benchmark_module = load("roles/vllm/library/vllm_benchmark.py", "vllm_benchmark_for_e2e")
+benchmark_module = load("plugins/modules/vllm_benchmark.py", "vllm_benchmark_for_e2e")
 
 
 # The benchmark test puts this key on the service (vLLM's client must then really send it); the
@@ -122,13 +124,61 @@ def test_host_state_user_modes_unit_flags(deployment: Deployment, first_run) -> 
     assert main_pid > 0 and host.process.get(pid=main_pid).user == "vllm"
 
 
-def test_second_run_changes_nothing_and_does_not_restart(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]
+OPERATOR_PROJECT = """\
+---
+- name: The collection's site playbook, by its FQCN
+  ansible.builtin.import_playbook: inference.vllm_lora.site
+
+- name: The collection's role, by its FQCN, in this project's own play
+  hosts: vllm_servers
+  gather_facts: false
+  tasks:
+    - name: Read the release the host serves
+      ansible.builtin.include_role:
+        name: inference.vllm_lora.vllm
+        tasks_from: current
+    - name: Say it
+      ansible.builtin.debug:
+        msg: "serves release {{ vllm_current_release_id }}"
+"""
+
+
+def install_collection(into: Path) -> Path:
+    """The collection as Galaxy users get it: built into a tarball, installed under `into`."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([str(REPO / "scripts" / "collection.sh"), "--keep", str(into)], env=env, check=True,
+                   capture_output=True, text=True, timeout=300)
+    return into / "collections"
+
+
+def test_second_run_changes_nothing_and_does_not_restart(deployment: Deployment, first_run,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path) -> None:
+    """The second run comes from an operator's own project in another directory: the collection
+    built and installed there, its site playbook and its role called by FQCN. Nothing of this
+    repository is on the path: its ansible.cfg is not read and collections/ is not searched."""
     host = deployment.pool.hosts[0]
     before = service_start_marker(host)
-    result = deployment.play()
+    collections = install_collection(tmp_path / "galaxy")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "site.yml").write_text(OPERATOR_PROJECT)
+    env = {"ANSIBLE_COLLECTIONS_PATH": str(collections)}
+    listed = subprocess.run([str(Path(sys.executable).parent / "ansible-galaxy"), "collection", "list",
+                             "inference.vllm_lora", "--format", "json"], cwd=project, capture_output=True,
+                            text=True, env={**{k: v for k, v in os.environ.items() if k != "ANSIBLE_CONFIG"}, **env},
+                            check=True)
+    assert list(json.loads(listed.stdout)) == [str(collections / "ansible_collections")], listed.stdout
+    # The demo inventory names its lock file beside the playbooks (the repository's tests/): an
+    # operator's project names its own, here the same file (the venv's id hashes its content).
+    lock = REPO / "tests" / "vllm_cpu" / "requirements-lock.txt"
+    result = deployment.play(playbook=str(project / "site.yml"), project=project, env=env,
+                             vllm_pip_requirements_file=str(lock))
     assert result.rc == 0, result.tail()
     assert result.changed() == 0, result.tail(120)
     assert service_start_marker(host) == before
+    release = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
+    assert f"serves release {release}" in result.output, result.tail(40)
+    assert deployment.report()[host.name]["verified"] is True
     # The verify alone (as an operator or a monitor runs it) proves the adapters and changes nothing.
     verify = deployment.play("--tags", "verify")
     assert verify.rc == 0 and verify.changed() == 0, verify.tail(120)

@@ -48,19 +48,27 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
 def run_playbook(
     playbook: str, inventory: Path, *, extra_args: Sequence[str] = (),
     extra_vars_files: Sequence[Path] = (), timeout: float = 1800, log: Path | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, project: Path | None = None,
 ) -> PlayResult:
-    """ansible-playbook PLAYBOOK -i INVENTORY ...; output kept for assertions and logs."""
-    command = [str(BIN / "ansible-playbook"), str(REPO / "playbooks" / playbook), "-i", str(inventory)]
+    """ansible-playbook PLAYBOOK -i INVENTORY ...; output kept for assertions and logs.
+
+    By default from this repository (its ansible.cfg, PLAYBOOK under playbooks/). With
+    `project`, from that directory instead, as an operator's own project: PLAYBOOK is a path
+    or a collection playbook's FQCN, and this repository's ansible.cfg is not read."""
+    where = project or REPO
+    target = playbook if project else str(REPO / "playbooks" / playbook)
+    command = [str(BIN / "ansible-playbook"), target, "-i", str(inventory)]
     for path in extra_vars_files:
         command += ["-e", f"@{path}"]
     command += list(extra_args)
     environment = {
-        **os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
-        "ANSIBLE_NOCOLOR": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {}),
-    }
+        key: value for key, value in os.environ.items() if not (project and key == "ANSIBLE_CONFIG")}
+    if not project:
+        environment["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    environment.update({"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+                        "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {})})
     result = subprocess.run(
-        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
+        command, cwd=where, env=environment, capture_output=True, text=True, timeout=timeout,
         check=False,
     )
     output = result.stdout + result.stderr

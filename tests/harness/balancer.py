@@ -66,7 +66,7 @@ def haproxy(backends: Sequence[TestHost], prefix: str, port: int = 8000) -> Iter
 
 
 # One parser of `show stat` for the role and its tests: the balancer role's own module.
-HAPROXY_MODULE = load("roles/vllm_balancer/library/vllm_haproxy_server.py", "vllm_haproxy_server_for_tests")
+HAPROXY_MODULE = load("plugins/modules/vllm_haproxy_server.py", "vllm_haproxy_server_for_tests")
 STATS = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
          "s.sendall(b'show stat\\n'); print(s.makefile().read())")
 

@@ -331,7 +331,7 @@ def test_every_default_has_a_comment_and_a_typed_argument_spec() -> None:
 
 
 def load_filters() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nvidia_driver_filters", ROLE / "filter_plugins" / "nvidia_driver.py")
+    spec = importlib.util.spec_from_file_location("nvidia_driver_filters", REPO / "plugins" / "filter" / "nvidia_driver.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

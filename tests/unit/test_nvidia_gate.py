@@ -1,4 +1,4 @@
-"""The GPU gate (roles/nvidia_driver/library/nvidia_gpu_facts.py) on recorded nvidia-smi outputs.
+"""The GPU gate (plugins/modules/nvidia_gpu_facts.py) on recorded nvidia-smi outputs.
 
 Each test feeds what a real host printed (tests/unit/data/nvidia_smi/, sources in its
 README) and checks both the decision and that the message names the problem and the fix.
@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_PATH = REPO / "roles" / "nvidia_driver" / "library" / "nvidia_gpu_facts.py"
+MODULE_PATH = REPO / "plugins" / "modules" / "nvidia_gpu_facts.py"
 DATA = Path(__file__).resolve().parent / "data" / "nvidia_smi"
 
 

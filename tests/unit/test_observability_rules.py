@@ -16,7 +16,7 @@ from tests.unit.promql import counter_labels, label_names, metric_names, recorde
 RULES = REPO / "roles/vllm_observability/files/prometheus/vllm.rules.yml"
 RULE_TESTS = REPO / "tests/unit/data/prometheus/vllm.rules.test.yml"
 RUNBOOKS = REPO / "docs/runbooks.md"
-observability = load("roles/vllm_observability/filter_plugins/vllm_observability.py", "vllm_observability_filters")
+observability = load("plugins/filter/vllm_observability.py", "vllm_observability_filters")
 
 # Series that are not vLLM's, with who makes them (the rules file's header says the same).
 OTHER_SOURCES = {

@@ -14,7 +14,7 @@ import yaml
 from tests.unit.loader import REPO, load
 from tests.unit.promql import run_promtool
 
-obs = load("roles/vllm_observability/filter_plugins/vllm_observability.py", "vllm_observability_filters")
+obs = load("plugins/filter/vllm_observability.py", "vllm_observability_filters")
 VLLM_DEFAULTS = yaml.safe_load((REPO / "roles/vllm/defaults/main.yml").read_text())
 ROLE_DEFAULTS = yaml.safe_load((REPO / "roles/vllm_observability/defaults/main.yml").read_text())
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+COLLECTION = "inference.vllm_lora"  # galaxy.yml: namespace.name
 PLAYBOOKS = sorted(p.name for p in (REPO / "playbooks").glob("*.yml"))
 BIN = Path(sys.executable).parent
 
@@ -51,7 +52,8 @@ def _includes(tasks: list[dict]) -> list[str]:
     for task in tasks:
         include = task.get("ansible.builtin.include_role")
         if include:
-            found.append(include["name"] + (f":{include['tasks_from']}" if "tasks_from" in include else ""))
+            name = include["name"].removeprefix(COLLECTION + ".")
+            found.append(name + (f":{include['tasks_from']}" if "tasks_from" in include else ""))
         found += _includes(task.get("block", []))
     return found
 
@@ -70,7 +72,7 @@ def test_a_roll_prepares_the_release_before_it_drains_and_restarts_only_drained(
     assert order.index("vllm") < order.index("vllm:current") < order.index("vllm_balancer:drain") \
         < order.index("vllm:restart") < order.index("vllm_balancer:ready") < order.index("vllm:prune")
     block = _play_tasks("rolling_restart.yml", "Rolling restart of vLLM hosts")
-    prepare = next(t for t in block if t.get("ansible.builtin.include_role", {}).get("name") == "vllm"
+    prepare = next(t for t in block if t.get("ansible.builtin.include_role", {}).get("name") == f"{COLLECTION}.vllm"
                    and "tasks_from" not in t["ansible.builtin.include_role"])
     assert prepare["vars"] == {"vllm_restart_deferred": True}
 
@@ -78,3 +80,43 @@ def test_a_roll_prepares_the_release_before_it_drains_and_restarts_only_drained(
 def test_maintenance_reads_the_release_before_it_drains() -> None:
     order = _includes(_play_tasks("maintenance.yml", "Restart each host's current release, one batch at a time"))
     assert order == ["vllm:current", "vllm_balancer:drain", "vllm:restart", "vllm_balancer:ready"]
+
+
+def test_a_rollback_finds_its_release_before_it_drains_and_reports_a_failure() -> None:
+    """A release id that does not exist fails while the host still serves in the balancer; a failed
+    rollback writes its report in its rescue, whose other tasks cannot fail before it."""
+    import yaml
+
+    plays = yaml.safe_load((REPO / "playbooks" / "rollback.yml").read_text())
+    (host_block,) = next(p for p in plays if p.get("name") == "Roll back vLLM hosts")["tasks"]
+    assert _includes(host_block["block"]) == [
+        "vllm:rollback_target", "vllm_balancer:drain", "vllm:rollback", "vllm_balancer:ready"]
+    rescue = host_block["rescue"]
+    assert [next(k for k in task if k.startswith("ansible.builtin.")) for task in rescue] == [
+        "ansible.builtin.set_fact", "ansible.builtin.include_tasks", "ansible.builtin.fail"]
+    report = rescue[1]["ansible.builtin.include_tasks"]
+    # A report that cannot be written must not hide the cause (the fail after it says it).
+    assert report["file"] == "tasks/deployment_report.yml" and report["apply"] == {"ignore_errors": True}
+
+
+def test_every_restart_passes_the_gpu_gate_and_its_inputs_have_one_home() -> None:
+    """The gate runs at the start of the role (so --tags service renders the kernel it chose), and in
+    the read-only steps before a host is drained (current: rolling and maintenance restarts;
+    rollback_target: rollback.yml). drivers.yml calls the same task file; the declaration is mapped
+    to the gate's inputs in that one file."""
+    import yaml
+
+    role = REPO / "roles" / "vllm" / "tasks"
+    for name in ("preflight.yml", "current.yml", "rollback_target.yml"):
+        first = yaml.safe_load((role / name).read_text())[0]
+        assert first["ansible.builtin.include_tasks"]["file"] == "gpu_gate.yml", name
+        tags = ["always", "gpu_gate"]  # always, but --skip-tags gpu_gate can skip it (a --check before the driver)
+        assert first["tags"] == tags and first["ansible.builtin.include_tasks"]["apply"]["tags"] == tags
+        # Before a drain, a release already built: only the driver and the GPUs are asked.
+        assert first.get("vars", {}).get("__vllm_gpu_gate_release", False) is (name != "preflight.yml")
+    drivers = yaml.safe_load((REPO / "playbooks" / "drivers.yml").read_text())[0]["tasks"]
+    gate = next(t for t in drivers if t.get("name") == "GPU gate")["block"][0]["ansible.builtin.include_role"]
+    assert (gate["name"], gate["tasks_from"]) == (f"{COLLECTION}.vllm", "gpu_gate")
+    mapping = [str(p.relative_to(REPO)) for p in [*REPO.glob("playbooks/**/*.yml"), *REPO.glob("roles/vllm*/**/*.yml")]
+               if "nvidia_driver_gate_quantization:" in p.read_text()]
+    assert mapping == ["roles/vllm/tasks/gpu_gate.yml"]

@@ -326,11 +326,11 @@ def test_with_prometheus_multiproc_dir_the_api_servers_counts_are_summed(tmp_pat
 
 
 def _middleware_list(**values: Any) -> list[str]:
-    """vllm_middleware from roles/vllm/vars/main.yml, rendered with these variables."""
+    """__vllm_middleware from roles/vllm/vars/main.yml, rendered with these variables."""
     import jinja2
     import yaml
 
-    template = yaml.safe_load((REPO / "roles/vllm/vars/main.yml").read_text())["vllm_middleware"]
+    template = yaml.safe_load((REPO / "roles/vllm/vars/main.yml").read_text())["__vllm_middleware"]
     rendered = jinja2.Environment().from_string(template).render(**values)
     return list(yaml.safe_load(rendered))
 
@@ -341,7 +341,7 @@ def test_the_role_always_enables_the_counter_inside_the_lora_name_middleware(
         compat_on: bool, lora: bool, runtime: bool, key: str) -> None:
     """First in the --middleware list: Starlette puts the last added outermost, so the counter
     sees the body after LoraNameMiddleware moved lora_name into model."""
-    listed = _middleware_list(vllm_lora_name_compat=compat_on, vllm_lora_enabled=lora,
+    listed = _middleware_list(vllm_lora_name_compat=compat_on, __vllm_lora_enabled=lora,
                               vllm_allow_runtime_lora_updating=runtime, vllm_api_key=key)
     assert listed[0] == "vllm_lora_name_compat.RequestsPerModel"
     assert listed.count("vllm_lora_name_compat.RequestsPerModel") == 1

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from ansible._internal._datatag._tags import TrustedAsTemplate
 from ansible.parsing.dataloader import DataLoader
-from ansible.plugins.loader import filter_loader, init_plugin_loader
+from ansible.plugins.loader import filter_loader
+from ansible.utils.collection_loader import AnsibleCollectionConfig
 from ansible.template import Templar
 
 from tests.unit.loader import REPO
@@ -104,7 +105,7 @@ def unit_directives(unit: str) -> dict[str, list[str]]:
 
 
 def hardening_block(unit: str) -> list[str]:
-    """The directives rendered from vllm_unit_sandbox: the lines after the hardening comment."""
+    """The directives rendered from __vllm_unit_sandbox: the lines after the hardening comment."""
     lines = unit.split("\n# Hardening", 1)[1].split("\n", 1)[1].split("\n\n", 1)[0].splitlines()
     return [line.split("=", 1)[0] for line in lines if line and not line.startswith("#")]
 
@@ -144,16 +145,17 @@ def _load(path: Path) -> Any:
 
 @functools.cache
 def _init_plugins() -> None:
-    """The builtin lookups (inventory/local reads its lock file), once a process."""
-    init_plugin_loader()
+    """The builtin lookups (inventory/local reads its lock file) and this collection's filters:
+    tests/unit/conftest.py configured the loader (collections/ links to the repository)."""
+    assert AnsibleCollectionConfig.collection_finder is not None
 
 
-def render_unit(inventory: str, **overrides: Any) -> str:
+def render_unit(inventory: str, role: Path = ROLE, **overrides: Any) -> str:
     """The role's template over its defaults, the shipped inventory's group_vars, `overrides`
     (as -e would) and the role's vars, as Ansible renders it; the GPU gate's kernel as on an
     RTX (compute capability 8.9)."""
     _init_plugins()
-    filter_loader.add_directory(str(ROLE / "filter_plugins"))
+    filter_loader.add_directory(str(REPO / "plugins" / "filter"))
     variables: dict[str, Any] = {}
     variables.update(_load(ROLE / "defaults" / "main.yml"))
     for path in sorted((REPO / "inventory" / inventory / "group_vars").glob("*.yml")):
@@ -161,7 +163,7 @@ def render_unit(inventory: str, **overrides: Any) -> str:
     variables.update(overrides)
     variables.update(_load(ROLE / "vars" / "main.yml"))
     variables.update(nvidia_driver_gpu={"quantization_kernel": "awq_marlin"}, ansible_managed="Ansible managed",
-                     inventory_hostname="host-1", role_path=str(ROLE), playbook_dir=str(REPO / "playbooks"))
+                     inventory_hostname="host-1", role_path=str(role), playbook_dir=str(REPO / "playbooks"))
     templar = Templar(loader=DataLoader(), variables=variables)
     # The role's own template file is trusted, as the template action trusts it.
     return str(templar.template(TrustedAsTemplate().tag(TEMPLATE.read_text())))
@@ -249,3 +251,20 @@ def test_a_directive_missing_from_the_docs_is_caught(units: dict[str, str]) -> N
 def test_a_gpu_unit_missing_a_device_line_is_caught(units: dict[str, str]) -> None:
     cut = units["gpu-offline"].replace("DeviceAllow=/dev/nvidia-uvm rw\n", "")
     assert [p for p in directive_problems(cut, "cuda") if p.startswith("DeviceAllow=")], cut
+
+
+def _pythonpath(unit: str) -> str:
+    (line,) = [line for line in unit.splitlines() if line.startswith('Environment="PYTHONPATH=')]
+    return line
+
+
+def test_a_release_runs_its_own_middlewares(tmp_path: Path) -> None:
+    """The shipped middlewares are part of a release: the unit imports them from that release's own
+    folder (a rollback runs what that release ran), and a changed middleware is a new release."""
+    line = _pythonpath(render_unit("local"))
+    assert re.fullmatch(r'Environment="PYTHONPATH=/opt/vllm/releases/[0-9a-f]{12}/python"', line), line
+    changed = tmp_path / "role"
+    shutil.copytree(ROLE / "files", changed / "files")
+    guard = changed / "files" / "vllm_access_guard.py"
+    guard.write_text(guard.read_text() + "\n# a later version\n")
+    assert _pythonpath(render_unit("local", role=changed)) != line

@@ -1,4 +1,4 @@
-"""The access rules (roles/vllm/filter_plugins/vllm_access.py), one case per rule, accepted and refused.
+"""The access rules (plugins/filter/vllm_access.py), one case per rule, accepted and refused.
 
 A case is written in role variables, as a user sets them; the test fills in the
 role's defaults and hands the filter what tasks/preflight_access.yml hands it.
@@ -15,7 +15,7 @@ import yaml
 
 from tests.unit.loader import REPO, load
 
-access = load("roles/vllm/filter_plugins/vllm_access.py", "vllm_access_filters")
+access = load("plugins/filter/vllm_access.py", "vllm_access_filters")
 
 # Distinctive: a hit in a message can only be a leak.
 API_KEY = "sk-unitkey-6f1d0c9a7e"
@@ -228,7 +228,7 @@ def test_the_task_file_hands_every_setting_to_the_filter() -> None:
     assert [task["name"] for task in tasks] == [
         "Check the access rules (listen address, API key, remote code, secrets off the command line)"]
     expression = tasks[0]["vars"]["__vllm_access_errors"]
-    assert "| vllm_access_errors" in expression
+    assert "| inference.vllm_lora.vllm_access_errors" in expression
     assert [key for key in SETTINGS if f"'{key}': vllm_{key}" not in expression] == []
     assert "vllm_access_errors" in access.FilterModule().filters()
 

@@ -1,4 +1,4 @@
-"""Unit tests for roles/vllm/module_utils/vllm_adapters.py and library/vllm_adapter_check.py.
+"""Unit tests for plugins/module_utils/vllm_adapters.py and library/vllm_adapter_check.py.
 
 The adapters are the tiny Qwen2 fixtures (tests/fixtures/tinyqwen.py): every
 broken one must be rejected with a message that names the adapter, the field
@@ -37,8 +37,8 @@ from tests.fixtures import tinyqwen as tq
 from tests.unit.modules import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
-UTILS_PATH = ROOT / "roles" / "vllm" / "module_utils" / "vllm_adapters.py"
-MODULE_PATH = ROOT / "roles" / "vllm" / "library" / "vllm_adapter_check.py"
+UTILS_PATH = ROOT / "plugins" / "module_utils" / "vllm_adapters.py"
+MODULE_PATH = ROOT / "plugins" / "modules" / "vllm_adapter_check.py"
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -50,9 +50,13 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
-_load("ansible.module_utils.vllm_files", ROOT / "roles" / "vllm" / "module_utils" / "vllm_files.py")  # imported by vllm_adapters
-va = _load("ansible.module_utils.vllm_adapters", UTILS_PATH)  # what the module imports
+_load("ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files", ROOT / "plugins" / "module_utils" / "vllm_files.py")  # imported by vllm_adapters
+va = _load("ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_adapters", UTILS_PATH)  # what the module imports
 mod = _load("vllm_adapter_check", MODULE_PATH)
+# The check's concerns, each its own module_util (imported by vllm_adapters by FQCN).
+PKG = "ansible_collections.inference.vllm_lora.plugins.module_utils"
+st = importlib.import_module(f"{PKG}.vllm_safetensors")
+peft = importlib.import_module(f"{PKG}.vllm_peft_config")
 
 SERVED = ["tiny"]
 
@@ -541,7 +545,7 @@ def test_truncated_or_corrupt_safetensors(tiny: tq.Fixtures, tmp_path: Path) -> 
 
 
 class CountingReads:
-    """Wraps open() in vllm_adapters: the size of every read, per file name."""
+    """Wraps open() in the adapter check's modules: the size of every read, per file name."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sizes: dict[str, list[int]] = {}
@@ -568,7 +572,8 @@ class CountingReads:
         def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
             return Counting(real_open(file, *args, **kwargs), os.path.basename(str(file)))
 
-        monkeypatch.setattr(va, "open", counting_open, raising=False)
+        for module in (va, st, peft):  # every module of the check that reads a file
+            monkeypatch.setattr(module, "open", counting_open, raising=False)
 
 
 def test_header_only_reads_only_the_header(tiny: tq.Fixtures, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -762,7 +767,7 @@ def test_tensor_data_length_must_fit_shape_and_dtype(tiny: tq.Fixtures, tmp_path
                                                   ("BF16", None)])
 def test_counts_agree_with_numpy_on_random_bit_patterns(code: str, numpy_dtype: Any) -> None:
     """Random bits hold every kind of value: normal, subnormal, +-0, +-Inf, NaN payloads."""
-    layout = va.FLOAT_LAYOUTS[code]
+    layout = st.FLOAT_LAYOUTS[code]
     rng = np.random.default_rng(5)
     raw = rng.integers(0, 256, size=layout.size * 20_000, dtype=np.uint8)
     for index, mask in layout.exponent:  # every 5th: exponent all ones (numpy says what they are)
@@ -770,19 +775,19 @@ def test_counts_agree_with_numpy_on_random_bit_patterns(code: str, numpy_dtype: 
     data = raw.tobytes()
     values = (np.frombuffer(data, numpy_dtype) if numpy_dtype is not None
               else (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32))
-    assert va.count_non_finite(data, layout) == (int(np.isnan(values).sum()), int(np.isinf(values).sum()))
+    assert st.count_non_finite(data, layout) == (int(np.isnan(values).sum()), int(np.isinf(values).sum()))
     assert int(np.isnan(values).sum()) > 1000
     zeros = bytes(layout.size * 50)
     signed = bytearray(zeros)
     signed[layout.size - 1::layout.size * 3] = b"\x80" * len(signed[layout.size - 1::layout.size * 3])
-    assert not va.has_non_zero(zeros, layout) and not va.has_non_zero(bytes(signed), layout)
+    assert not st.has_non_zero(zeros, layout) and not st.has_non_zero(bytes(signed), layout)
     for position in range(layout.size):  # any bit but the sign bit makes a value non-zero
         one_bit = bytearray(signed)
         one_bit[layout.size * 7 + position] |= 0x01 if position < layout.size - 1 else 0x40
-        assert va.has_non_zero(bytes(one_bit), layout), position
+        assert st.has_non_zero(bytes(one_bit), layout), position
     tiny_value = bytearray(zeros)
     tiny_value[layout.size * 4] = 0x80  # the lowest byte's top bit: a mantissa (or exponent) bit, not the sign
-    assert va.has_non_zero(bytes(tiny_value), layout)
+    assert st.has_non_zero(bytes(tiny_value), layout)
 
 
 # --- checksums and base config ------------------------------------------------
@@ -834,12 +839,16 @@ def test_base_config_forms_and_head_dim(tiny: tq.Fixtures, tmp_path: Path) -> No
 
 
 # --- code constraints ---------------------------------------------------------
-@pytest.mark.parametrize("path", [UTILS_PATH, MODULE_PATH, UTILS_PATH.parent / "vllm_files.py"])
+@pytest.mark.parametrize("path", [UTILS_PATH, MODULE_PATH, *(UTILS_PATH.parent / f"{name}.py" for name in (
+    "vllm_files", "vllm_lora_report", "vllm_lora_rules", "vllm_safetensors", "vllm_peft_config", "vllm_lora_shapes"))])
 def test_code_is_python_3_9_and_standard_library_only(path: Path) -> None:
     tree = ast.parse(path.read_text(), feature_version=(3, 9))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
-    siblings = {"ansible.module_utils.vllm_files"}  # the role's own module_util (stdlib only itself)
+    # The collection's own module_utils, each checked here too (standard library only itself).
+    siblings = {f"ansible_collections.inference.vllm_lora.plugins.module_utils.{name}"
+                for name in ("vllm_files", "vllm_adapters", "vllm_lora_report", "vllm_lora_rules",
+                             "vllm_safetensors", "vllm_peft_config", "vllm_lora_shapes")}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and node.module not in siblings}
     allowed = set(sys.stdlib_module_names) | ({"ansible"} if path == MODULE_PATH else set())
@@ -925,7 +934,7 @@ def test_module_rejects_bad_options(tiny: tq.Fixtures, capsys: pytest.CaptureFix
 def test_allow_pickle_travels_from_the_declaration_to_the_module(
         tiny: tq.Fixtures, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """vllm_lora_adapters -> vllm_artifacts -> vllm_pick_path (as preflight.yml maps them) -> the module."""
-    filters = _load("vllm_filters_for_adapter_check", ROOT / "roles" / "vllm" / "filter_plugins" / "vllm.py")
+    filters = _load("vllm_filters_for_adapter_check", ROOT / "plugins" / "filter" / "vllm.py")
     path = str(pickled_variant(tmp_path, "pickled"))
     model = {"name": "tiny", "source": "controller", "path": str(tiny.model)}
     for declared, rc in (({}, 1), ({"allow_pickle": False}, 1), ({"allow_pickle": True}, 0)):

@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_adapters_live.py: adapters loaded and unloaded in a running vLLM.
+"""plugins/modules/vllm_adapters_live.py: adapters loaded and unloaded in a running vLLM.
 
 What roles/vllm/tasks/service.yml relies on: the served adapter set is brought
 to the declared one (unload before load, a changed adapter reloaded), a
@@ -32,7 +32,7 @@ from tests.unit.loader import load
 from tests.unit.local_http import LocalServer, Request, as_sent
 from tests.unit.modules import run_main
 
-live = load("roles/vllm/library/vllm_adapters_live.py")
+live = load("plugins/modules/vllm_adapters_live.py")
 guard = load("roles/vllm/files/vllm_access_guard.py")
 
 DATA = Path(__file__).resolve().parent / "data" / "vllm_0.11.0"
@@ -54,7 +54,7 @@ class FakeVllm(LocalServer):
 
     Order as on a host: vLLM's build_app (entrypoints/openai/api_server.py) adds the
     `--middleware` classes after its own AuthenticationMiddleware, Starlette puts the
-    last added outermost, and the role's list ends with ApiKeyOnEveryRoute (vllm_middleware
+    last added outermost, and the role's list ends with ApiKeyOnEveryRoute (__vllm_middleware
     in roles/vllm/vars/main.yml, same 401 body as vLLM's): so the API key is checked
     first, then the deployer's guard, then vLLM's route.
     """
@@ -153,7 +153,7 @@ class FakeVllm(LocalServer):
 
 @pytest.fixture()
 def adapter_dir(tmp_path: Path) -> Path:
-    """The role's adapter folder on the host (vllm_adapter_dir)."""
+    """The role's adapter folder on the host (__vllm_adapter_dir)."""
     return tmp_path / "srv-vllm" / "adapters"
 
 

@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_artifact.py: model and adapter directories placed on
+"""plugins/modules/vllm_artifact.py: model and adapter directories placed on
 the host verified, atomically and without re-copying (tasks/artifacts.yml,
 hf_download.yml, prune.yml).
 
@@ -44,8 +44,8 @@ import pytest
 from tests.unit.loader import load
 from tests.unit.modules import run_main
 
-files_util = load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")  # what the module imports
-artifact = load("roles/vllm/library/vllm_artifact.py")
+files_util = load("plugins/module_utils/vllm_files.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files")  # what the module imports
+artifact = load("plugins/modules/vllm_artifact.py")
 
 MIB = 2**20
 # commit chowns what it places (root:group), as it does under the role's become.

@@ -24,8 +24,8 @@ from tests.unit.loader import REPO, load
 from tests.unit.local_http import LocalServer, Request
 from tests.unit.modules import run_main
 
-bench = load("roles/vllm/library/vllm_benchmark.py", "vllm_benchmark_module")
-filters = load("roles/vllm/filter_plugins/vllm_benchmark.py", "vllm_benchmark_filters")
+bench = load("plugins/modules/vllm_benchmark.py", "vllm_benchmark_module")
+filters = load("plugins/filter/vllm_benchmark.py", "vllm_benchmark_filters")
 compat = load("roles/vllm/files/vllm_lora_name_compat.py")
 DATA = REPO / "tests/unit/data/vllm_0.11.0"
 KEY = "sk-bench-0123456789-secret"

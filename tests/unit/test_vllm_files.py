@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.unit.loader import load
 
-files = load("roles/vllm/module_utils/vllm_files.py")
+files = load("plugins/module_utils/vllm_files.py")
 
 
 def test_manifest_hashes_once_and_notices_changes(tmp_path: Path) -> None:

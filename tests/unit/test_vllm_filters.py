@@ -10,7 +10,7 @@ import yaml
 
 from tests.unit.loader import REPO, load
 
-filters = load("roles/vllm/filter_plugins/vllm.py", "vllm_filters")
+filters = load("plugins/filter/vllm.py", "vllm_filters")
 
 BEELINK = {
     "model_path": "/home/beelink/models/Qwen2.5-7B-Instruct-AWQ",
@@ -82,10 +82,11 @@ def test_a_good_declaration_has_no_errors() -> None:
 
 
 @pytest.mark.parametrize("over, needle", [
-    ({"max_lora_rank": 24}, "vllm_max_lora_rank=24"),
-    ({"max_cpu_loras": 2}, "vllm_max_cpu_loras=2 is below vllm_max_loras=4"),
-    ({"adapters": [{"name": "qwen", "path": "/a"}]}, "equals a served model name"),
-    ({"adapters": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]}, "declared twice"),
+    ({"max_lora_rank": 24}, "vllm_max_lora_rank=24: vLLM 0.11.0 accepts only one of 8, 16, 32"),
+    ({"max_cpu_loras": 2}, "vllm_max_cpu_loras=2: must be >= max_loras 4"),
+    ({"adapters": [{"name": "qwen", "path": "/a"}]}, "vllm_lora_adapters[0].name='qwen': equals a served model name"),
+    ({"adapters": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]},
+     "vllm_lora_adapters[1].name='a': declared more than once"),
     ({"adapters": [{"name": "../etc", "path": "/a"}]}, "vllm_lora_adapters[0].name='../etc'"),
     ({"adapters": [{"name": "", "path": "/a"}]}, "vllm_lora_adapters[0].name=''"),
     ({"adapters": [{"name": "a", "path": "relative/dir"}]}, "vllm_lora_adapters[0].path='relative/dir'"),
@@ -246,3 +247,92 @@ def test_the_engine_listens_in_its_private_network_and_cors_is_closed() -> None:
     assert argv[argv.index("--allowed-origins") + 1] == "[]"
     argv = filters.vllm_serve_args({**settings, "allowed_origins": ["https://chat.example.org"]})
     assert json.loads(argv[argv.index("--allowed-origins") + 1]) == ["https://chat.example.org"]
+
+
+@pytest.mark.parametrize(("host", "port", "url"), [
+    ("127.0.0.1", 8000, "http://127.0.0.1:8000"),
+    ("0.0.0.0", 8001, "http://127.0.0.1:8001"),
+    ("::", "8002", "http://127.0.0.1:8002"),
+    ("[::]", 8000, "http://127.0.0.1:8000"),
+    ("0:0:0:0:0:0:0:0", 8000, "http://127.0.0.1:8000"),
+    ("", 8000, "http://127.0.0.1:8000"),
+    ("localhost", 8000, "http://127.0.0.1:8000"),
+    ("192.168.1.20", 9000, "http://192.168.1.20:9000"),
+    ("::1", 8000, "http://[::1]:8000"),
+    ("[fe80::1]", 8000, "http://[fe80::1]:8000"),
+])
+def test_check_url_is_where_the_host_reaches_its_api_port(host: str, port: object, url: str) -> None:
+    assert filters.vllm_check_url(host, port) == url
+
+
+def _balancer_metrics_url(**inventory: object) -> str:
+    """The balancer role's default for vllm_balancer_metrics_url, rendered by ansible-core."""
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+
+    defaults = DataLoader().load_from_file(str(REPO / "roles/vllm_balancer/defaults/main.yml"), trusted_as_template=True)
+    return str(Templar(loader=DataLoader(), variables=dict(inventory)).template(defaults["vllm_balancer_metrics_url"]))
+
+
+def test_without_a_balancer_the_in_flight_count_reads_the_port_vllm_serves() -> None:
+    """Before: http://127.0.0.1:8000 whatever the host declared. A host on another port or on one LAN
+    address answered nothing there, and a host that does not answer counts as idle: the restart cut
+    its requests in flight."""
+    assert _balancer_metrics_url() == "http://127.0.0.1:8000/metrics"
+    assert _balancer_metrics_url(vllm_port=8123) == "http://127.0.0.1:8123/metrics"
+    assert _balancer_metrics_url(vllm_port=9000, vllm_listen_host="10.0.0.5") == "http://10.0.0.5:9000/metrics"
+    assert _balancer_metrics_url(vllm_port=9000, vllm_listen_host="0.0.0.0") == "http://127.0.0.1:9000/metrics"
+
+
+def test_a_name_equal_to_a_served_model_gets_the_adapter_not_the_base() -> None:
+    """vLLM 0.11 looks adapters up first (serving_engine._maybe_get_adapters): the declaration check
+    once said the opposite of the adapter check."""
+    (error,) = filters.vllm_declaration_errors(declaration(adapters=[{"name": "qwen", "path": "/a"}]))
+    assert "would get the adapter instead of the base model" in error and "base model;" not in error
+
+
+adapter_rules = load("plugins/module_utils/vllm_adapters.py",
+                     "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_adapters")
+
+
+@pytest.mark.parametrize("over", [
+    {"max_lora_rank": 24}, {"max_cpu_loras": 2}, {"max_loras": 0},
+    {"adapters": [{"name": "qwen", "path": "/a"}]},
+    {"adapters": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]},
+    {"adapters": [{"name": "../etc", "path": "/a"}]},
+])
+def test_the_declaration_check_and_the_adapter_check_say_the_same(over: dict[str, object]) -> None:
+    """One rule, one home (module_utils/vllm_adapters.py): each reason the declaration check gives is,
+    word for word, one the adapter check module gives for the same input."""
+    decl = declaration(**over)
+    adapters = list(decl["adapters"])  # type: ignore[arg-type]
+    module_errors = adapter_rules.check_names([a["name"] for a in adapters], decl["served_names"])  # type: ignore[index]
+    module_errors += adapter_rules.check_engine(decl["max_lora_rank"], decl["max_loras"], decl["max_cpu_loras"],  # type: ignore[arg-type]
+                                                len(adapters), [])[0]
+    errors = filters.vllm_declaration_errors(decl)
+    assert errors and module_errors
+    reasons = [error.split(": ", 1)[1] for error in errors]
+    assert all(any(reason.split(". Fix: ")[0] in other for other in module_errors) for reason in reasons), \
+        (errors, module_errors)
+
+
+def test_identity_changes_name_each_field_that_differs_or_is_missing() -> None:
+    identity = {"software_id": "a1", "engine_argv": ["--x"], "middleware": {"m.py": "d1"}}
+    assert filters.vllm_identity_changes({"software_id": "a1", "engine_argv": ["--x"], "middleware": {"m.py": "d1"},
+                                          "adapters": ["other"]}, identity) == []
+    assert filters.vllm_identity_changes({"software_id": "a1", "engine_argv": ["--y"]}, identity) == \
+        ["engine_argv", "middleware"]  # a release made before releases carried their middlewares
+    assert filters.vllm_identity_changes({}, identity) == list(identity)
+
+
+def test_the_live_change_and_adapters_yml_read_one_list_of_what_must_stay() -> None:
+    """Before, adapters.yml's scope check compared five fields and the live change seven: a changed
+    middleware passed adapters.yml's check, then restarted every host."""
+    derived = yaml.safe_load((REPO / "roles/vllm/vars/main.yml").read_text())
+    assert set(derived["__vllm_engine_identity"]) == {
+        "software_id", "engine_argv", "environment", "sandbox", "listener", "middleware"}
+    assert "vllm_identity_changes(__vllm_engine_identity)" in derived["__vllm_live_adapter_change"]
+    preflight = (REPO / "roles/vllm/tasks/preflight.yml").read_text()
+    assert "vllm_identity_changes(__vllm_engine_identity)" in preflight
+    for field in derived["__vllm_engine_identity"]:
+        assert f"'{field}' in __vllm_changes" in preflight, field

@@ -1,4 +1,4 @@
-"""Unit tests for roles/vllm_balancer/library/vllm_haproxy_server.py.
+"""Unit tests for plugins/modules/vllm_haproxy_server.py.
 
 `show stat` answers are real: recorded from HAProxy 2.6.12 (Debian 12) with
 three servers (tests/unit/data/haproxy/README.md). The drain sequence runs
@@ -19,7 +19,7 @@ import pytest
 from tests.unit.loader import load
 
 DATA = Path(__file__).resolve().parent / "data" / "haproxy"
-hs = load("roles/vllm_balancer/library/vllm_haproxy_server.py")
+hs = load("plugins/modules/vllm_haproxy_server.py")
 
 
 def recorded(name: str) -> str:

@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_manifest.py: the sha256 manifest of a model or
+"""plugins/modules/vllm_manifest.py: the sha256 manifest of a model or
 adapter directory on the controller, as artifacts.yml uses it.
 
 Tested: every regular file is listed with its real sha256 and size (names
@@ -26,8 +26,8 @@ import pytest
 from tests.unit.loader import load
 from tests.unit.modules import run_main
 
-files_util = load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")  # what the module imports
-manifest = load("roles/vllm/library/vllm_manifest.py")
+files_util = load("plugins/module_utils/vllm_files.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files")  # what the module imports
+manifest = load("plugins/modules/vllm_manifest.py")
 
 CONTENT = {
     "config.json": b'{"model_type": "qwen2"}\n',

@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_release.py: activation, discard of a failed release,
+"""plugins/modules/vllm_release.py: activation, discard of a failed release,
 and the refusal of any release id that is not one the role makes (it is joined
 into a path under releases/ that the module may remove); what rollback.yml and
 service.yml read of it: the rollback target's record (id, dir, adapters,
@@ -25,8 +25,8 @@ import pytest
 from tests.unit.loader import load
 from tests.unit.modules import run_main
 
-load("roles/vllm/module_utils/vllm_files.py", "ansible.module_utils.vllm_files")  # what the module imports
-release = load("roles/vllm/library/vllm_release.py")
+load("plugins/module_utils/vllm_files.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files")  # what the module imports
+release = load("plugins/modules/vllm_release.py")
 
 
 def rid(seed: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.unit.loader import load
 
-probe = load("roles/vllm/library/vllm_sandbox_probe.py")
+probe = load("plugins/modules/vllm_sandbox_probe.py")
 
 # Recorded: /home/beelink 0750, models/M/a 0640 beelink:beelink, models/M/link -> ../../blobs/b.
 SANDBOXED = [{"path": "/home/beelink/models/M/link", "error": "FileNotFoundError: No such file or directory"},

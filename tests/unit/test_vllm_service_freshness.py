@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_service_freshness.py: is the running vLLM older than
+"""plugins/modules/vllm_service_freshness.py: is the running vLLM older than
 what it reads (unit, socket unit, environment file, `current` release)?
 
 service.yml restarts the service when ``stale`` is true, so a run killed after
@@ -30,7 +30,7 @@ import pytest
 from tests.unit.loader import load
 from tests.unit.modules import run_main
 
-freshness = load("roles/vllm/library/vllm_service_freshness.py")
+freshness = load("plugins/modules/vllm_service_freshness.py")
 
 DATA = Path(__file__).parent / "data" / "systemd"
 PREFIX = "vllm_service_freshness-"

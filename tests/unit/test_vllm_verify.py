@@ -1,4 +1,4 @@
-"""Unit tests for roles/vllm/library/vllm_verify.py.
+"""Unit tests for plugins/modules/vllm_verify.py.
 
 The pure checks are tested directly. The module as a whole (argument spec,
 urllib, exit/fail) runs in-process against a local HTTP server on 127.0.0.1 that
@@ -24,7 +24,7 @@ DATA = Path(__file__).resolve().parent / "data" / "vllm_0.11.0"
 API_KEY = "test-key"  # the key the recordings were made with
 
 
-vv = load("roles/vllm/library/vllm_verify.py")
+vv = load("plugins/modules/vllm_verify.py")
 
 
 def recording(name: str) -> dict:

@@ -1,4 +1,4 @@
-"""roles/vllm/library/vllm_wait_ready.py: one slice of the wait for vLLM's /health.
+"""plugins/modules/vllm_wait_ready.py: one slice of the wait for vLLM's /health.
 
 What roles/vllm/tasks/verify.yml relies on: ready once /health answers 200 while
 the service's socket unit holds the API port (an answer without it is another
@@ -25,7 +25,7 @@ from tests.unit.loader import load
 from tests.unit.local_http import LocalServer, refused_url
 from tests.unit.modules import run_main
 
-wait_ready = load("roles/vllm/library/vllm_wait_ready.py", "vllm_wait_ready")
+wait_ready = load("plugins/modules/vllm_wait_ready.py", "vllm_wait_ready")
 SOCKET = "vllm-proxy.socket"
 
 
