@@ -19,6 +19,7 @@ from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_lora_rule
     setting_findings,
 )
 from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_metrics import in_flight
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_plan import identity_changes, plan
 
 LORA_DTYPES = ("auto", "float16", "bfloat16")
 
@@ -167,9 +168,14 @@ def vllm_check_url(host: str, port: int | str) -> str:
 
 def vllm_identity_changes(running: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     """The fields of `identity` (what must stay the same for an adapter-only change) whose value in
-    the running release's record differs; a field the record lacks differs."""
-    missing = object()
-    return [key for key, value in identity.items() if (running or {}).get(key, missing) != value]
+    the running release's record differs (module_utils/vllm_plan.py)."""
+    return identity_changes(running, identity)
+
+
+def vllm_plan(facts: dict[str, Any]) -> dict[str, Any]:
+    """What this run does to the service (start / restart / live / nothing) and why
+    (module_utils/vllm_plan.py)."""
+    return plan(facts)
 
 
 def vllm_in_flight(metrics: str | None) -> float:
@@ -191,11 +197,6 @@ def vllm_without_lora_modules(argv: list[str]) -> list[str]:
         if not skipping:
             result.append(word)
     return result
-
-
-def vllm_changed_adapters(names: list[str], old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """Adapters served before and now whose directory digest differs."""
-    return [n for n in names if f"adapter/{n}" in old and old.get(f"adapter/{n}") != new.get(f"adapter/{n}")]
 
 
 def vllm_systemd_quote(word: str) -> str:
@@ -440,7 +441,6 @@ class FilterModule:
             "vllm_systemd_exec": vllm_systemd_exec,
             "vllm_systemd_env": vllm_systemd_env,
             "vllm_without_lora_modules": vllm_without_lora_modules,
-            "vllm_changed_adapters": vllm_changed_adapters,
             "vllm_declaration_errors": vllm_declaration_errors,
             "vllm_unit_sandbox": vllm_unit_sandbox,
             "vllm_argv_changes": vllm_argv_changes,
@@ -448,4 +448,5 @@ class FilterModule:
             "vllm_check_url": vllm_check_url,
             "vllm_in_flight": vllm_in_flight,
             "vllm_identity_changes": vllm_identity_changes,
+            "vllm_plan": vllm_plan,
         }

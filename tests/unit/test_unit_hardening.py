@@ -9,7 +9,6 @@ test host runs (tests/e2e/test_security_faults.py, through `directive_problems`)
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -18,13 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ansible._internal._datatag._tags import TrustedAsTemplate
-from ansible.parsing.dataloader import DataLoader
-from ansible.plugins.loader import filter_loader
-from ansible.utils.collection_loader import AnsibleCollectionConfig
-from ansible.template import Templar
-
 from tests.unit.loader import REPO
+from tests.unit.role_render import render_file
 
 ROLE = REPO / "roles" / "vllm"
 TEMPLATE = ROLE / "templates" / "etc" / "systemd" / "system" / "vllm.service.j2"
@@ -139,34 +133,9 @@ def directive_problems(unit: str, device: str) -> list[str]:
 
 # --- the unit as the role renders it ----------------------------------------------------------
 
-def _load(path: Path) -> Any:
-    return DataLoader().load_from_file(str(path), trusted_as_template=True)
-
-
-@functools.cache
-def _init_plugins() -> None:
-    """The builtin lookups (inventory/local reads its lock file) and this collection's filters:
-    tests/unit/conftest.py configured the loader (collections/ links to the repository)."""
-    assert AnsibleCollectionConfig.collection_finder is not None
-
-
 def render_unit(inventory: str, role: Path = ROLE, **overrides: Any) -> str:
-    """The role's template over its defaults, the shipped inventory's group_vars, `overrides`
-    (as -e would) and the role's vars, as Ansible renders it; the GPU gate's kernel as on an
-    RTX (compute capability 8.9)."""
-    _init_plugins()
-    filter_loader.add_directory(str(REPO / "plugins" / "filter"))
-    variables: dict[str, Any] = {}
-    variables.update(_load(ROLE / "defaults" / "main.yml"))
-    for path in sorted((REPO / "inventory" / inventory / "group_vars").glob("*.yml")):
-        variables.update(_load(path))
-    variables.update(overrides)
-    variables.update(_load(ROLE / "vars" / "main.yml"))
-    variables.update(nvidia_driver_gpu={"quantization_kernel": "awq_marlin"}, ansible_managed="Ansible managed",
-                     inventory_hostname="host-1", role_path=str(role), playbook_dir=str(REPO / "playbooks"))
-    templar = Templar(loader=DataLoader(), variables=variables)
-    # The role's own template file is trusted, as the template action trusts it.
-    return str(templar.template(TrustedAsTemplate().tag(TEMPLATE.read_text())))
+    """The role's unit template as Ansible renders it for `inventory` (tests/unit/role_render.py)."""
+    return render_file(TEMPLATE, inventory, role, **overrides)
 
 
 SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -265,6 +234,7 @@ def test_a_release_runs_its_own_middlewares(tmp_path: Path) -> None:
     assert re.fullmatch(r'Environment="PYTHONPATH=/opt/vllm/releases/[0-9a-f]{12}/python"', line), line
     changed = tmp_path / "role"
     shutil.copytree(ROLE / "files", changed / "files")
+    shutil.copytree(ROLE / "templates", changed / "templates")
     guard = changed / "files" / "vllm_access_guard.py"
     guard.write_text(guard.read_text() + "\n# a later version\n")
     assert _pythonpath(render_unit("local", role=changed)) != line

@@ -293,6 +293,8 @@ def test_a_name_equal_to_a_served_model_gets_the_adapter_not_the_base() -> None:
 
 adapter_rules = load("plugins/module_utils/vllm_adapters.py",
                      "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_adapters")
+plan_rules = load("plugins/module_utils/vllm_plan.py",
+                  "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_plan")
 
 
 @pytest.mark.parametrize("over", [
@@ -327,12 +329,16 @@ def test_identity_changes_name_each_field_that_differs_or_is_missing() -> None:
 
 def test_the_live_change_and_adapters_yml_read_one_list_of_what_must_stay() -> None:
     """Before, adapters.yml's scope check compared five fields and the live change seven: a changed
-    middleware passed adapters.yml's check, then restarted every host."""
+    middleware passed adapters.yml's check, then restarted every host. Now the plan (service.yml)
+    and adapters.yml's check read __vllm_engine_identity, and it lists the plan's fields."""
     derived = yaml.safe_load((REPO / "roles/vllm/vars/main.yml").read_text())
-    assert set(derived["__vllm_engine_identity"]) == {
-        "software_id", "engine_argv", "environment", "sandbox", "listener", "middleware"}
-    assert "vllm_identity_changes(__vllm_engine_identity)" in derived["__vllm_live_adapter_change"]
+    assert set(derived["__vllm_engine_identity"]) == set(plan_rules.IDENTITY_FIELDS)
+    service = (REPO / "roles/vllm/tasks/service.yml").read_text()
+    assert "'engine_identity': __vllm_engine_identity" in service
     preflight = (REPO / "roles/vllm/tasks/preflight.yml").read_text()
     assert "vllm_identity_changes(__vllm_engine_identity)" in preflight
     for field in derived["__vllm_engine_identity"]:
         assert f"'{field}' in __vllm_changes" in preflight, field
+        # Each field is part of the release record too: a change to it is a new release.
+        assert field == "engine_argv" or derived["__vllm_engine_identity"][field] == \
+            derived["__vllm_release_record"][field], field
