@@ -82,21 +82,56 @@ def test_maintenance_reads_the_release_before_it_drains() -> None:
     assert order == ["vllm:current", "vllm_balancer:drain", "vllm:restart", "vllm_balancer:ready"]
 
 
-def test_a_rollback_finds_its_release_before_it_drains_and_reports_a_failure() -> None:
-    """A release id that does not exist fails while the host still serves in the balancer; a failed
-    rollback writes its report in its rescue, whose other tasks cannot fail before it."""
+def test_a_rollback_finds_its_release_before_it_drains() -> None:
+    """A release id that does not exist fails while the host still serves in the balancer."""
     import yaml
 
     plays = yaml.safe_load((REPO / "playbooks" / "rollback.yml").read_text())
     (host_block,) = next(p for p in plays if p.get("name") == "Roll back vLLM hosts")["tasks"]
     assert _includes(host_block["block"]) == [
         "vllm:rollback_target", "vllm_balancer:drain", "vllm:rollback", "vllm_balancer:ready"]
-    rescue = host_block["rescue"]
-    assert [next(k for k in task if k.startswith("ansible.builtin.")) for task in rescue] == [
-        "ansible.builtin.set_fact", "ansible.builtin.include_tasks", "ansible.builtin.fail"]
-    report = rescue[1]["ansible.builtin.include_tasks"]
-    # A report that cannot be written must not hide the cause (the fail after it says it).
-    assert report["file"] == "tasks/deployment_report.yml" and report["apply"] == {"ignore_errors": True}
+
+
+def _module(task: dict) -> str:
+    return next(k for k in task if k.startswith("ansible.builtin."))
+
+
+def _all_tasks(tasks: list[dict]) -> list[dict]:
+    flat: list[dict] = []
+    for task in tasks:
+        flat.append(task)
+        flat.extend(_all_tasks(task.get("block", [])))
+    return flat
+
+
+@pytest.mark.parametrize(("playbook", "play_name", "record"), [
+    ("site.yml", "Deploy vLLM with LoRA adapters", "__vllm_play_failure"),
+    ("rolling_restart.yml", "Rolling restart of vLLM hosts", "__vllm_play_failure"),
+    ("rollback.yml", "Roll back vLLM hosts", "vllm_deployment"),
+])
+def test_a_failure_report_is_written_in_always(playbook: str, play_name: str, record: str) -> None:
+    """A failed deploy, roll or rollback leaves its report even when its recovery fails: the
+    rescue first records the failure with a set_fact (which cannot fail), and the report is
+    written in the block's always:, on that record. Before, it was written in rescue: a failing
+    task before it (a failed way back) ended the play with no report."""
+    import yaml
+
+    plays = yaml.safe_load((REPO / "playbooks" / playbook).read_text())
+    tasks = next(p for p in plays if p.get("name") == play_name)["tasks"]
+    host_block = next(t for t in tasks if "rescue" in t)
+    first = host_block["rescue"][0]
+    assert _module(first) == "ansible.builtin.set_fact" and record in first["ansible.builtin.set_fact"], first
+    rescue_files = [t["ansible.builtin.include_tasks"] for t in _all_tasks(host_block["rescue"])
+                    if _module(t) == "ansible.builtin.include_tasks"]
+    assert not any("deployment_report" in str(f) for f in rescue_files), rescue_files
+    always = _all_tasks(host_block["always"])
+    reports = [t for t in always if "deployment_report" in str(t.get("ansible.builtin.include_tasks", ""))]
+    assert len(reports) == 1, always
+    guards = [str(t.get("when", "")) for t in always if "block" in t] + [str(reports[0].get("when", ""))]
+    assert any(record in guard for guard in guards), guards
+    if playbook == "rollback.yml":
+        # A report that cannot be written does not end the always: before the cause is said.
+        assert reports[0]["ansible.builtin.include_tasks"]["apply"] == {"ignore_errors": True}
 
 
 def test_every_restart_passes_the_gpu_gate_and_its_inputs_have_one_home() -> None:
