@@ -88,3 +88,39 @@ def test_a_role_s_derived_values_are_internal(role: str) -> None:
               "vllm_balancer": "__vllm_balancer_"}[role]
     names = yaml.safe_load((REPO / "roles" / role / "vars" / "main.yml").read_text()) or {}
     assert [name for name in names if not name.startswith(prefix)] == []
+
+
+def _task_lists(path: Path) -> list[list[dict]]:
+    data = yaml.safe_load(path.read_text()) or []
+    if path.parent.name == "playbooks":
+        return [play.get(key) or [] for play in data for key in ("pre_tasks", "tasks", "post_tasks")]
+    return [data]
+
+
+def _names(tasks: list[dict], registered: dict[str, set[str]], facts: dict[str, set[str]], where: str) -> None:
+    for task in tasks:
+        if not isinstance(task, dict):
+            continue
+        for key in ("block", "rescue", "always"):
+            _names(task.get(key) or [], registered, facts, where)
+        if "register" in task:
+            registered.setdefault(task["register"], set()).add(where)
+        if isinstance(task.get("ansible.builtin.set_fact"), dict):
+            for name in task["ansible.builtin.set_fact"]:
+                facts.setdefault(name, set()).add(where)
+
+
+def test_no_name_is_both_a_registered_result_and_a_fact() -> None:
+    """Both live at the same precedence and the later one wins: the copy plan of artifacts.yml was
+    registered as vllm_plan, the name of the service plan (service.yml), so a run whose tags skipped
+    the service stage would have reported the copy plan as what it did to the service."""
+    registered: dict[str, set[str]] = {}
+    facts: dict[str, set[str]] = {}
+    paths = [*REPO.glob("roles/*/tasks/*.yml"), *REPO.glob("playbooks/*.yml"), *REPO.glob("playbooks/tasks/*.yml")]
+    for path in paths:
+        for tasks in _task_lists(path):
+            _names(tasks, registered, facts, str(path.relative_to(REPO)))
+    assert registered and facts
+    assert "vllm_plan" in facts and "vllm_copy_plan" in registered
+    both = {name: (registered[name], facts[name]) for name in set(registered) & set(facts)}
+    assert not both, both
