@@ -18,6 +18,7 @@ from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_lora_rule
     name_findings,
     setting_findings,
 )
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv import split_lora_modules
 from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_metrics import in_flight
 from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_plan import identity_changes, plan
 
@@ -36,16 +37,32 @@ def vllm_lora_modules(adapters: list[dict[str, Any]], base_model_name: str) -> l
     ]
 
 
-def vllm_adapter_targets(adapters: list[dict[str, Any]], adapter_dir: str) -> list[dict[str, str]]:
-    """Where each adapter lives on the host: adopted in place, or under adapter_dir."""
-    return [
-        {
-            "name": str(adapter["name"]),
-            "path": str(adapter["path"]) if adapter.get("source", "controller") == "host"
-            else f"{adapter_dir.rstrip('/')}/{adapter['name']}",
-        }
-        for adapter in adapters
-    ]
+def stored_by_content(path: str, content_id: str) -> str:
+    """The folder the role stores a placed adapter in: one per name AND content (a controller
+    directory's digest, a hub commit id), so a later release never rewrites an earlier one's files
+    and a rollback serves, byte for byte, what that release served."""
+    return f"{path.rstrip('/')}@{content_id[:16]}"
+
+
+def vllm_adapter_targets(adapters: list[dict[str, Any]], adapter_dir: str,
+                         digests: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Where each adapter lives on the host: adopted in place (source host); else under
+    adapter_dir, stored by content: a hub adapter by its pinned commit, a controller adapter by
+    its directory digest (`digests`, vllm_digests of this run's manifests; without it, as
+    before the manifests are read, the folder named after the adapter alone)."""
+    targets = []
+    for adapter in adapters:
+        name, source = str(adapter["name"]), adapter.get("source", "controller")
+        base = f"{adapter_dir.rstrip('/')}/{name}"
+        if source == "host":
+            path = str(adapter["path"])
+        elif source == "hf":
+            path = stored_by_content(base, str(adapter.get("revision", "")))
+        else:
+            digest = (digests or {}).get(f"adapter/{name}")
+            path = stored_by_content(base, digest) if digest else base
+        targets.append({"name": name, "path": path})
+    return targets
 
 
 def vllm_artifacts(
@@ -77,8 +94,15 @@ def vllm_artifacts(
 
 
 def vllm_with_manifests(manifest_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join each looped artifact with the file manifest vllm_manifest returned."""
-    return [{**result["item"], "files": result["files"]} for result in manifest_results]
+    """Join each looped artifact with the file manifest vllm_manifest returned; an adapter's
+    folder is the one for its content (stored_by_content)."""
+    joined = []
+    for result in manifest_results:
+        artifact = {**result["item"], "files": result["files"]}
+        if artifact["kind"] == "adapter":
+            artifact["dest"] = stored_by_content(artifact["dest"], str(result["digest"]))
+        joined.append(artifact)
+    return joined
 
 
 def vllm_digests(manifest_results: list[dict[str, Any]]) -> dict[str, str]:
@@ -185,18 +209,8 @@ def vllm_in_flight(metrics: str | None) -> float:
 
 def vllm_without_lora_modules(argv: list[str]) -> list[str]:
     """The argv without the values of --lora-modules: what must match for an
-    adapter change to be applied live instead of with a restart."""
-    result: list[str] = []
-    skipping = False
-    for word in argv:
-        if word == "--lora-modules":
-            skipping = True
-            continue
-        if skipping and str(word).startswith("--"):
-            skipping = False
-        if not skipping:
-            result.append(word)
-    return result
+    adapter change to be applied live instead of with a restart (module_utils/vllm_argv.py)."""
+    return split_lora_modules(argv)[0]
 
 
 def vllm_systemd_quote(word: str) -> str:

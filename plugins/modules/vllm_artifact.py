@@ -47,7 +47,9 @@ options:
     type: str
     default: root
   prune_dirs:
-    description: For prune, {dir, keep, kind} entries (kind defaults to dir's name); subdirectories of dir not in keep are removed, with their records.
+    description:
+      - For prune, {dir, keep, kind} entries (kind defaults to dir's name).
+      - Subdirectories of dir not in keep (names or full paths) are removed, with their records.
     type: list
     elements: dict
     default: []
@@ -311,13 +313,15 @@ def prune(module: AnsibleModule) -> None:
             path = os.path.join(root, name)
             # The role makes only directories here; a file or a link someone put there is not an
             # adapter and not ours to remove (rmtree would fail on it half-way through the list).
-            if name in keep or name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
+            # keep names folders by name or by path (adapters stored by content: name@digest).
+            if name in keep or path in keep or name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
                 continue
-            removed.append(os.path.join(root, name))
+            removed.append(path)
             if not module.check_mode:
-                shutil.rmtree(os.path.join(root, name))
-                record = os.path.join(module.params["record_dir"], f"{kind}-{name}.json")
-                if os.path.exists(record):
+                shutil.rmtree(path)
+                # The record of the adapter's name, when it describes this folder.
+                record = os.path.join(module.params["record_dir"], f"{kind}-{name.split('@', 1)[0]}.json")
+                if os.path.exists(record) and read_json(record, {}).get("dest", path) == path:
                     os.unlink(record)
     module.exit_json(changed=bool(removed), removed=removed)
 

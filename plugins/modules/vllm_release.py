@@ -73,8 +73,8 @@ removed:
   description: Releases and venvs removed.
   type: list
   returned: always
-adapters_in_use:
-  description: Adapter names some kept release serves (their files must stay).
+adapter_paths_in_use:
+  description: The adapter folders some kept release serves (the paths of its --lora-modules; their files must stay).
   type: list
   returned: when state is activate
 """
@@ -85,6 +85,7 @@ import shutil
 from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv import lora_module_paths
 from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files import read_json, write_json_atomic
 
 
@@ -154,7 +155,7 @@ def activate(module: AnsibleModule) -> None:
         # A new release in check mode: its record would have been written by the task before.
         current = current_id(software_dir)
         module.exit_json(changed=True, current=release_id, previous=current, history=load_history(software_dir),
-                         removed=[], adapters_in_use=[])
+                         removed=[], adapter_paths_in_use=[])
     if not release_id or not os.path.isfile(os.path.join(releases, release_id, "release.json")):
         module.fail_json(msg=f"release {release_id!r} has no {releases}/{release_id}/release.json")
     history = load_history(software_dir)
@@ -184,10 +185,10 @@ def activate(module: AnsibleModule) -> None:
             shutil.rmtree(path, ignore_errors=True)
             if path.startswith(venvs) and os.path.exists(path + ".requirements.txt"):
                 os.unlink(path + ".requirements.txt")
-    in_use = sorted({name for rid in plan["history"]
-                     for name in read_json(os.path.join(releases, rid, "release.json"), {}).get("adapters", [])})
+    in_use = sorted({path for rid in plan["history"]
+                     for path in lora_module_paths(read_json(os.path.join(releases, rid, "release.json"), {}).get("argv", []))})
     module.exit_json(changed=changed, current=release_id, previous=current or plan["previous"],
-                     history=plan["history"], removed=removed, adapters_in_use=in_use)
+                     history=plan["history"], removed=removed, adapter_paths_in_use=in_use)
 
 
 def rollback(module: AnsibleModule) -> None:

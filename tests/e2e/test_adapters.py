@@ -144,9 +144,10 @@ def test_runtime_updating_adds_and_removes_adapters_without_a_restart(converged)
 
     # Drift: an adapter loaded behind the deployer's back (by root, with the deployer's key) fails
     # the next verification.
+    alpha_folder = host.sh("ls -d /srv/vllm/adapters/alpha@* | head -1").stdout.strip()  # stored by content
     host.sh("sed -n 's/^VLLM_ADMIN_KEY=/X-Vllm-Admin-Key: /p' /etc/vllm/vllm-admin.env"
             " | curl -sf -H @- -H 'Content-Type: application/json' -d "
-            + shlex.quote(json.dumps({"lora_name": "stray", "lora_path": "/srv/vllm/adapters/alpha"}))
+            + shlex.quote(json.dumps({"lora_name": "stray", "lora_path": alpha_folder}))
             + " http://127.0.0.1:8000/v1/load_lora_adapter")
     drift = deployment.play("--tags", "verify", **live)
     assert drift.rc != 0 and "stray" in drift.output and "drift" in drift.output, drift.tail(40)

@@ -99,7 +99,9 @@ def test_host_state_user_modes_unit_flags(deployment: Deployment, first_run) -> 
         ("/opt/vllm", "root", "root", 0o755),
         ("/srv/vllm", "root", "vllm", 0o750),
         ("/srv/vllm/models/tiny-qwen2", "root", "vllm", 0o750),
-        ("/srv/vllm/adapters/alpha", "root", "vllm", 0o750),
+        ("/srv/vllm/adapters", "root", "vllm", 0o750),
+        # Stored by content: the folder of alpha's files is named after them (name@digest).
+        (host.sh("ls -d /srv/vllm/adapters/alpha@*").stdout.strip(), "root", "vllm", 0o750),
         ("/etc/vllm", "root", "vllm", 0o750),
     ]:
         entry = host.file(path)
@@ -216,7 +218,7 @@ def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> N
     history = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
     assert history == [release_with_gamma, release_before], history
     assert host.sh("readlink /opt/vllm/current").stdout.strip() == f"releases/{release_before}"
-    assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
+    assert host.sh("test -d /srv/vllm/adapters/gamma@*", check=False).returncode == 0
     models = json.loads(host.sh("curl -s http://127.0.0.1:8000/v1/models").stdout)
     assert sorted(card["id"] for card in models["data"]) == ["alpha", "beta", "tiny-qwen2"]
 
@@ -246,7 +248,7 @@ def test_without_the_compat_middleware_lora_name_gets_the_base_as_vllm_alone(dep
         time.sleep(0.5)
 
     # Before: gamma's files are on the host, kept for the release that served gamma (3 releases kept).
-    assert host.sh("test -d /srv/vllm/adapters/gamma", check=False).returncode == 0
+    assert host.sh("test -d /srv/vllm/adapters/gamma@*", check=False).returncode == 0
     before_back = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
     assert len(before_back) == 3 and before_back[-1] not in history, (history, before_back)
     back = deployment.play(vllm_keep_releases=2)
@@ -259,7 +261,7 @@ def test_without_the_compat_middleware_lora_name_gets_the_base_as_vllm_alone(dep
     dropped = [rid for rid in history if rid not in kept]
     assert dropped and not any(rid in on_disk for rid in dropped)
     # gamma (added and removed above) was served only by a dropped release: its files go with it.
-    assert host.sh("test -e /srv/vllm/adapters/gamma", check=False).returncode != 0
+    assert host.sh("ls -d /srv/vllm/adapters/gamma*", check=False).stdout.strip() == ""
 
 
 # Late in this module: it leaves the host on other releases.

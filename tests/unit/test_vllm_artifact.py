@@ -488,6 +488,26 @@ def test_prune_removes_undeclared_adapters_and_their_records(
     assert rc == 0 and again["changed"] is False and again["removed"] == []
 
 
+def test_prune_keeps_content_folders_by_path_and_drops_a_record_only_with_its_folder(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """Adapters stored by content (name@digest): a kept release's folder of alpha stays beside the
+    current one; a folder no release serves goes, and the record of its name only if it describes
+    that folder (the record of alpha's current folder stays when an older alpha folder goes)."""
+    root = site.data_dir / "adapters"
+    folders = ["alpha@1111111111111111", "alpha@2222222222222222", "alpha@3333333333333333", "beta@4444444444444444"]
+    for name in folders:
+        (root / name).mkdir(parents=True)
+        (root / name / "adapter_config.json").write_text("{}")
+    site.records.mkdir(parents=True)
+    (site.records / "adapter-alpha.json").write_text(json.dumps({"files": {}, "dest": str(root / folders[1])}))
+    (site.records / "adapter-beta.json").write_text(json.dumps({"files": {}, "dest": str(root / folders[3])}))
+    keep = [str(root / folders[0]), str(root / folders[1])]
+    rc, result = prune(capsys, site, root, keep=keep)
+    assert rc == 0 and result["removed"] == [str(root / folders[2]), str(root / folders[3])], result
+    assert sorted(p.name for p in root.iterdir()) == folders[:2]
+    assert sorted(p.name for p in site.records.iterdir()) == ["adapter-alpha.json"]
+
+
 def test_prune_in_check_mode_lists_and_removes_nothing(
         site: Site, adapter_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, result = prune(capsys, site, adapter_dir, keep=[], _ansible_check_mode=True)

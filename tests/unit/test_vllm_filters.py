@@ -123,6 +123,34 @@ def test_artifacts_and_adapter_targets() -> None:
     ]
 
 
+def test_placed_adapters_are_stored_by_content_and_the_argv_names_those_folders() -> None:
+    """One folder per adapter name AND content: a controller adapter by its manifest digest (the
+    same folder for the copy and for --lora-modules), a hub adapter by its pinned commit; an
+    adopted one stays where it is. Before, alpha's one folder was rewritten in place, so a
+    rollback to an earlier release served the new files."""
+    digest_a, digest_a2 = "a" * 64, "c" * 64
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    adapters = [{"name": "a", "source": "controller", "path": "/ctl/a"},
+                {"name": "h", "source": "hf", "repo_id": "org/h", "revision": commit},
+                {"name": "b", "source": "host", "path": "/opt/b"}]
+    targets = filters.vllm_adapter_targets(adapters, "/srv/vllm/adapters/", {"adapter/a": digest_a})
+    assert targets == [{"name": "a", "path": "/srv/vllm/adapters/a@aaaaaaaaaaaaaaaa"},
+                       {"name": "h", "path": "/srv/vllm/adapters/h@0123456789abcdef"},
+                       {"name": "b", "path": "/opt/b"}]
+    # New content, new folder; the earlier one is not touched (prune removes it with its last release).
+    moved = filters.vllm_adapter_targets(adapters, "/srv/vllm/adapters", {"adapter/a": digest_a2})
+    assert moved[0]["path"] == "/srv/vllm/adapters/a@cccccccccccccccc" and moved[1:] == targets[1:]
+    # The copy goes where the argv points.
+    (artifact,) = [a for a in filters.vllm_artifacts({"name": "m", "source": "host", "path": "/m"}, "/m",
+                                                     adapters[:1], "/srv/vllm/adapters") if a["kind"] == "adapter"]
+    joined = filters.vllm_with_manifests([{"item": artifact, "files": {}, "digest": digest_a},
+                                          {"item": {"kind": "model", "name": "m", "dest": "/srv/vllm/models/m"},
+                                           "files": {}, "digest": "d" * 64}])
+    assert joined[0]["dest"] == targets[0]["path"]
+    assert joined[1]["dest"] == "/srv/vllm/models/m"  # models are not (yet) stored by content
+    assert filters.vllm_digests([{"item": artifact, "digest": digest_a}]) == {"adapter/a": digest_a}
+
+
 # --- the unit's sandbox (rendered into the unit and given to the read probe) ---------------------
 
 def test_sandbox_without_adopted_folders_hides_home_entirely() -> None:

@@ -26,6 +26,7 @@ from tests.unit.loader import load
 from tests.unit.modules import run_main
 
 load("plugins/module_utils/vllm_files.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files")  # what the module imports
+load("plugins/module_utils/vllm_argv.py", "ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv")
 release = load("plugins/modules/vllm_release.py")
 
 
@@ -43,7 +44,13 @@ def make_release(software_dir: Path, release_id: str, venv: str, adapters: list[
     venv_dir.mkdir(parents=True, exist_ok=True)
     (venv_dir / ".complete").write_text("")
     (software_dir / "venvs" / f"{venv}.requirements.txt").write_text("vllm==0.11.0\n")
-    record = {"venv": str(venv_dir), "adapters": adapters, "base_served_name": "tiny"}
+    # Adapters stored by content (name@digest), as this version places them; gamma as a release
+    # made before that did (its folder named after the adapter alone).
+    modules = [json.dumps({"name": name, "path": f"/srv/vllm/adapters/{name}" + ("" if name == "gamma" else "@0123456789abcdef"),
+                           "base_model_name": "tiny"}, separators=(",", ":")) for name in adapters]
+    argv = [f"{venv_dir}/bin/vllm", "serve", "/srv/vllm/models/tiny", "--served-model-name", "tiny",
+            *(["--enable-lora", "--lora-modules", *modules] if modules else []), "--max-loras", "2"]
+    record = {"venv": str(venv_dir), "adapters": adapters, "base_served_name": "tiny", "argv": argv}
     (software_dir / "releases" / release_id).mkdir(parents=True)
     (software_dir / "releases" / release_id / "release.json").write_text(json.dumps(record))
 
@@ -90,7 +97,7 @@ def test_activation_records_history_points_current_and_prunes(
     assert not (software_dir / "releases" / A).exists()
     assert not (venvs / "sw1").exists() and not (venvs / "sw1.requirements.txt").exists()
     assert (venvs / "sw2").is_dir() and (venvs / "sw3").is_dir()
-    assert result["adapters_in_use"] == ["beta", "gamma"]
+    assert result["adapter_paths_in_use"] == ["/srv/vllm/adapters/beta@0123456789abcdef", "/srv/vllm/adapters/gamma"]
     # Converged: the same activation again changes nothing.
     rc, result = run(capsys, state="activate", software_dir=str(software_dir), release_id=C, keep=2)
     assert rc == 0 and result["changed"] is False and result["removed"] == []
