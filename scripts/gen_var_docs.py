@@ -138,6 +138,15 @@ def render_role_readme(role: str) -> str:
             seen[key] = entry
             lines += ["| variable | type | default | description |", "|---|---|---|---|",
                       *describe(spec["options"]), ""]
+    facts_file = REPO / "roles" / role / "meta" / "facts.yml"
+    if facts_file.exists():
+        lines += ["## Facts it sets", "", "Its outputs, for the plays that include it (`meta/facts.yml`); the rest of "
+                  "what it sets is internal (`__*`, registered results).", "",
+                  "| fact | set by | what |", "|---|---|---|"]
+        for name, fact in yaml.safe_load(facts_file.read_text()).items():
+            set_by, what = (" ".join(str(fact[key]).split()).replace("|", "\\|") for key in ("set_by", "description"))
+            lines.append(f"| `{name}` | {set_by} | {what} |")
+        lines.append("")
     see = ["[docs/variables.md](../../docs/variables.md) (every role)", "[README.md](../../README.md)"]
     if role in ROLE_DOCS:
         see.insert(0, f"[{ROLE_DOCS[role]}](../../{ROLE_DOCS[role]})")

@@ -124,3 +124,28 @@ def test_no_name_is_both_a_registered_result_and_a_fact() -> None:
     assert "vllm_plan" in facts and "vllm_copy_plan" in registered
     both = {name: (registered[name], facts[name]) for name in set(registered) & set(facts)}
     assert not both, both
+
+
+def test_plays_and_other_roles_read_only_the_vllm_role_s_documented_facts() -> None:
+    """The playbooks, the balancer and observability roles and the report template read the vllm
+    role's outputs (meta/facts.yml, rendered into its README), never its working values: before,
+    rolling_restart.yml read a fact a handler set (vllm_restart_pending), playbooks read
+    vllm_ready.elapsed and the balancer vllm_ready_at, all registered or set deep inside the role."""
+    registered: dict[str, set[str]] = {}
+    facts: dict[str, set[str]] = {}
+    for path in REPO.glob("roles/vllm/tasks/*.yml"):
+        _names(yaml.safe_load(path.read_text()) or [], registered, facts, path.name)
+    documented = set(yaml.safe_load((REPO / "roles/vllm/meta/facts.yml").read_text()))
+    role_sets = (set(registered) | set(facts)) - {n for n in set(registered) | set(facts) if n.startswith("__")}
+    assert documented <= role_sets, documented - role_sets
+    readers = [*REPO.glob("playbooks/*.yml"), *REPO.glob("playbooks/tasks/*.yml"), *REPO.glob("templates/*.j2"),
+               *REPO.glob("roles/vllm_balancer/**/*.yml"), *REPO.glob("roles/vllm_observability/**/*.yml")]
+    undocumented = {}
+    for path in readers:
+        text = path.read_text()
+        for name in role_sets - documented:
+            if re.search(rf"\b{re.escape(name)}\b", text):
+                undocumented.setdefault(name, []).append(str(path.relative_to(REPO)))
+    assert not undocumented, undocumented
+    readme = (REPO / "roles/vllm/README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in documented)
