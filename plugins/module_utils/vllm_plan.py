@@ -82,7 +82,8 @@ def plan(facts: dict[str, Any]) -> dict[str, Any]:
     changes; units_changed: live unit files that differ from the release's;
     stale: a file changed after the service started ("" when none); venv_built:
     this run built the venv; force: vllm_force_restart; deferred:
-    vllm_restart_deferred; kernel: the quantization kernel the GPU gate chose.
+    vllm_restart_deferred; kernel: the quantization kernel the GPU gate chose; access: what
+    preflight_access.yml approved (listener, whether an API key is set, the opt-outs; never a secret).
     """
     release_id = str(facts["release_id"])
     record = facts.get("release_record") or {}
@@ -148,4 +149,5 @@ def plan(facts: dict[str, Any]) -> dict[str, Any]:
         "reload_adapters": reload,
         "deferred": bool(facts.get("deferred")),
         "kernel": facts.get("kernel") or "",
+        "access": dict(facts.get("access") or {}),
     }

@@ -12,6 +12,8 @@ service.yml reads it back from release.json.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from typing import Any
 
 import pytest
@@ -43,6 +45,13 @@ def release(inventory: str = "local", **overrides: Any) -> dict[str, Any]:
     overrides.setdefault("vllm_manifests", manifests(DIGESTS))
     if inventory == "local":
         overrides.setdefault("vllm_lora_adapters", LOCAL_ADAPTERS)
+    return copy.deepcopy(_rendered(inventory, json.dumps(overrides, sort_keys=True)))
+
+
+@functools.cache
+def _rendered(inventory: str, overrides_json: str) -> dict[str, Any]:
+    """Rendered once per declaration (Ansible's Templar is slow; the tests copy the result)."""
+    overrides = json.loads(overrides_json)
     return {
         "id": str(render_var("__vllm_release_id", inventory, **overrides)),
         "record": render_var("__vllm_release_record", inventory, **overrides),
@@ -243,3 +252,16 @@ def test_the_plan_reports_the_gpu_gate_kernel() -> None:
     assert declared["record"]["argv"][declared["record"]["argv"].index("--quantization") + 1] == "awq_marlin"
     plan = filters.vllm_plan(facts(declared, declared, kernel="awq_marlin"))
     assert plan["kernel"] == "awq_marlin"
+
+
+def test_the_plan_reports_what_access_was_approved_never_the_key() -> None:
+    """The access summary service.yml passes, rendered from its own expression with a key set:
+    a yes/no for the key, never the key (the plan is printed and goes into the report)."""
+    service = (REPO / "roles" / "vllm" / "tasks" / "service.yml").read_text()
+    expression = service.split("'access': ", 1)[1].split("} | inference.vllm_lora.vllm_plan", 1)[0]
+    key = "sk-plan-test-1234567890"
+    access = render_var(expression, "local", vllm_api_key=key, vllm_listen_host="0.0.0.0")
+    assert access == {"listen": "0.0.0.0:8000", "api_key": True, "unauthenticated_network": False,
+                      "runtime_lora_updating": False, "trust_remote_code": False, "allowed_origins": []}
+    plan = filters.vllm_plan(facts(release(), release(), access=access))
+    assert plan["access"] == access and key not in repr(plan)
