@@ -110,6 +110,17 @@ def vllm_digests(manifest_results: list[dict[str, Any]]) -> dict[str, str]:
     return {f"{r['item']['kind']}/{r['item']['name']}": str(r["digest"]) for r in manifest_results if "digest" in r}
 
 
+def vllm_content_ids(manifest_results: list[dict[str, Any]], adopted: dict[str, str] | None,
+                     hub_artifacts: list[dict[str, Any]]) -> dict[str, str]:
+    """{"kind/name": content id} of everything a release serves: a controller directory's
+    manifest digest, an adopted folder's digest (hashed in place), a hub artifact's pinned
+    commit ("hf:<commit>"). In the release record: a change of any is a new release."""
+    ids = vllm_digests(manifest_results)
+    ids.update(adopted or {})
+    ids.update({f"{a['kind']}/{a['name']}": f"hf:{a['revision']}" for a in hub_artifacts})
+    return ids
+
+
 def vllm_pick_path(artifact: dict[str, Any], key: str) -> dict[str, Any]:
     """{name, path, allow_pickle} of an artifact for vllm_adapter_check, with path taken
     from `key` (src on the controller, dest on the host)."""
@@ -451,6 +462,7 @@ class FilterModule:
             "vllm_artifacts": vllm_artifacts,
             "vllm_with_manifests": vllm_with_manifests,
             "vllm_digests": vllm_digests,
+            "vllm_content_ids": vllm_content_ids,
             "vllm_pick_path": vllm_pick_path,
             "vllm_systemd_exec": vllm_systemd_exec,
             "vllm_systemd_env": vllm_systemd_env,

@@ -20,7 +20,10 @@ records recorded from real runs (tests/unit/test_vllm_plan.py).
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv import split_lora_modules
 
 # systemd ActiveState values of a unit whose process runs (or is being started
 # again by systemd itself, Restart=always): a change needs a restart.
@@ -29,7 +32,8 @@ RUNNING_STATES = ("active", "activating", "reloading", "deactivating")
 # What must stay the same for a change to be only the adapter set (applied live,
 # or allowed by playbooks/adapters.yml): the fields of the release record that
 # vars/main.yml passes as __vllm_engine_identity.
-IDENTITY_FIELDS = ("software_id", "engine_argv", "environment", "sandbox", "listener", "middleware", "units")
+IDENTITY_FIELDS = ("software_id", "engine_argv", "environment", "sandbox", "listener", "middleware", "units",
+                   "model", "unit_settings")
 
 _IDENTITY_WORDS = {
     "software_id": "the software (vLLM venv)",
@@ -39,6 +43,8 @@ _IDENTITY_WORDS = {
     "listener": "the API port",
     "middleware": "the shipped middlewares",
     "units": "the unit templates",
+    "model": "the base model's files",
+    "unit_settings": "the unit's settings (service name, user, config folder, CORS origins, adapter folders)",
 }
 
 
@@ -50,15 +56,32 @@ def identity_changes(running: dict[str, Any] | None, identity: dict[str, Any]) -
 
 
 def changed_adapters(names: list[str], old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """Adapters served before and now whose directory digest differs."""
+    """Adapters served before and now whose content id (digest, hub commit) differs."""
     return [n for n in names if f"adapter/{n}" in old and old.get(f"adapter/{n}") != new.get(f"adapter/{n}")]
 
 
+def adapter_paths(argv: list[Any]) -> dict[str, str]:
+    """{adapter name: the folder --lora-modules serves it from} of a release's argv."""
+    paths: dict[str, str] = {}
+    for value in split_lora_modules(argv or [])[1]:
+        try:
+            module = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(module, dict) and "name" in module and "path" in module:
+            paths[str(module["name"])] = str(module["path"])
+    return paths
+
+
 def _adapter_change(running: dict[str, Any], record: dict[str, Any]) -> tuple[str, list[str]]:
-    """A one-line account of an adapter-set change, and the adapters to reload."""
+    """A one-line account of an adapter-set change, and the adapters to reload: served before
+    and now, with other content or from another folder (a process keeps what it loaded)."""
     before = list(running.get("adapters") or [])
     after = list(record.get("adapters") or [])
-    reload = changed_adapters(after, running.get("artifacts") or {}, record.get("artifacts") or {})
+    old_paths, new_paths = adapter_paths(running.get("argv") or []), adapter_paths(record.get("argv") or [])
+    changed = set(changed_adapters(after, running.get("artifacts") or {}, record.get("artifacts") or {}))
+    changed |= {n for n in after if n in old_paths and n in new_paths and old_paths[n] != new_paths[n]}
+    reload = [n for n in after if n in changed and n in before]
     parts = []
     added = [n for n in after if n not in before]
     removed = [n for n in before if n not in after]
@@ -97,6 +120,8 @@ def plan(facts: dict[str, Any]) -> dict[str, Any]:
         action = "start"
         why.append(f"no release runs yet: release {release_id} is installed and started" if not running_id
                    else f"the service is {state}: it is started on release {release_id}")
+        if facts.get("deferred"):
+            why.append("deferred: the play starts the host once it is drained")
     else:
         restart: list[str] = []
         live = ""
@@ -106,6 +131,8 @@ def plan(facts: dict[str, Any]) -> dict[str, Any]:
             restart.append(f"{facts['stale']} changed after the service started (a run stopped before its restart)")
         if facts.get("env_changed"):
             restart.append("the environment file changes (vllm_api_key, the hub token or vllm_environment)")
+        if facts.get("venv_built") and running.get("software_id") == record.get("software_id"):
+            restart.append(f"this run rebuilt the venv the service runs ({record.get('venv', '?')})")
         if release_id != running_id:
             changes = identity_changes(running, facts.get("engine_identity") or {})
             runtime_before = bool(running.get("runtime_lora_updating"))
@@ -121,16 +148,17 @@ def plan(facts: dict[str, Any]) -> dict[str, Any]:
                                    + ", ".join(_IDENTITY_WORDS.get(c, c) for c in changes))
             else:
                 account, reload = _adapter_change(running, record)
-                if runtime_now:
+                if runtime_now and state == "active":
                     live = f"release {running_id} -> {release_id} only {account}: applied live, no restart"
+                elif runtime_now:
+                    restart.append(f"release {running_id} -> {release_id} only {account}, but the service is "
+                                   f"{state} (restarting by itself): a live change needs a serving process")
                 else:
                     restart.append(f"release {running_id} -> {release_id} only {account}, and runtime LoRA "
                                    "updating is off (vllm_allow_runtime_lora_updating)")
         else:
             restart.extend(f"{path} differs from release {release_id}'s (changed on the host)"
                            for path in facts.get("units_changed") or [])
-            if facts.get("venv_built"):
-                restart.append(f"this run built the venv of release {release_id} again")
         if restart:
             action, why, reload = "restart", restart, []
             if facts.get("deferred"):

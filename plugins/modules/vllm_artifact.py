@@ -96,6 +96,12 @@ records:
     directory's manifest and the number of files hashed (adopt).
   type: dict
   returned: when state is commit or adopt
+digests:
+  description: >-
+    Per C(<kind>/<name>), the adopted directory's content digest (sha256 over its file names and
+    hashes, as vllm_manifest's digest): part of the release, so a change in place is a new release.
+  type: dict
+  returned: when state is adopt
 removed:
   description: Directories removed.
   type: list
@@ -110,7 +116,8 @@ import shutil
 from typing import Any, Dict, List
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files import build_manifest, read_json, sha256_file, write_json_atomic
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files import (
+    build_manifest, manifest_digest, read_json, sha256_file, write_json_atomic)
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -278,6 +285,7 @@ def adopt(module: AnsibleModule) -> None:
     params = module.params
     changed = False
     records: Dict[str, Any] = {}
+    digests: Dict[str, str] = {}
     for artifact in params["artifacts"]:
         key = f"{artifact['kind']}-{artifact['name']}"
         path = artifact["path"]
@@ -298,14 +306,17 @@ def adopt(module: AnsibleModule) -> None:
             if not module.check_mode:
                 write_json_atomic(rpath, {"files": new_cache, "dest": path})
         records[key] = {"files": files, "hashed": hashed}
-    module.exit_json(changed=changed, records=records)
+        digests[f"{artifact['kind']}/{artifact['name']}"] = manifest_digest(files)
+    module.exit_json(changed=changed, records=records, digests=digests)
 
 
 def prune(module: AnsibleModule) -> None:
     removed: List[str] = []
     for entry in module.params["prune_dirs"]:
         root = entry["dir"]
-        keep = set(entry.get("keep") or [])
+        # Paths compared as paths: /srv/vllm//adapters/a@x (a data dir spelled with a trailing
+        # slash in an earlier release) is the folder /srv/vllm/adapters/a@x.
+        keep = {os.path.normpath(k) if "/" in k else k for k in entry.get("keep") or []}
         kind = entry.get("kind", os.path.basename(root.rstrip("/")))
         if not os.path.isdir(root):
             continue
@@ -314,7 +325,8 @@ def prune(module: AnsibleModule) -> None:
             # The role makes only directories here; a file or a link someone put there is not an
             # adapter and not ours to remove (rmtree would fail on it half-way through the list).
             # keep names folders by name or by path (adapters stored by content: name@digest).
-            if name in keep or path in keep or name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
+            if name in keep or os.path.normpath(path) in keep or name.startswith(".") or os.path.islink(path) \
+                    or not os.path.isdir(path):
                 continue
             removed.append(path)
             if not module.check_mode:

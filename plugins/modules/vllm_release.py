@@ -147,6 +147,12 @@ def swap_symlink(target: str, link: str) -> None:
     os.replace(tmp, link)
 
 
+def paths_in_use(releases: str, history: List[str]) -> List[str]:
+    """The adapter folders the releases of `history` serve (their --lora-modules)."""
+    return sorted({path for rid in history
+                   for path in lora_module_paths(read_json(os.path.join(releases, rid, "release.json"), {}).get("argv", []))})
+
+
 def activate(module: AnsibleModule) -> None:
     params = module.params
     software_dir, release_id = params["software_dir"], params["release_id"]
@@ -154,8 +160,10 @@ def activate(module: AnsibleModule) -> None:
     if release_id and module.check_mode and not os.path.isfile(os.path.join(releases, release_id, "release.json")):
         # A new release in check mode: its record would have been written by the task before.
         current = current_id(software_dir)
-        module.exit_json(changed=True, current=release_id, previous=current, history=load_history(software_dir),
-                         removed=[], adapter_paths_in_use=[])
+        history = load_history(software_dir)
+        # What the kept releases serve stays, as in a real run (prune's check mode lists the rest).
+        module.exit_json(changed=True, current=release_id, previous=current, history=history,
+                         removed=[], adapter_paths_in_use=paths_in_use(releases, history))
     if not release_id or not os.path.isfile(os.path.join(releases, release_id, "release.json")):
         module.fail_json(msg=f"release {release_id!r} has no {releases}/{release_id}/release.json")
     history = load_history(software_dir)
@@ -185,10 +193,8 @@ def activate(module: AnsibleModule) -> None:
             shutil.rmtree(path, ignore_errors=True)
             if path.startswith(venvs) and os.path.exists(path + ".requirements.txt"):
                 os.unlink(path + ".requirements.txt")
-    in_use = sorted({path for rid in plan["history"]
-                     for path in lora_module_paths(read_json(os.path.join(releases, rid, "release.json"), {}).get("argv", []))})
     module.exit_json(changed=changed, current=release_id, previous=current or plan["previous"],
-                     history=plan["history"], removed=removed, adapter_paths_in_use=in_use)
+                     history=plan["history"], removed=removed, adapter_paths_in_use=paths_in_use(releases, plan["history"]))
 
 
 def rollback(module: AnsibleModule) -> None:

@@ -501,7 +501,8 @@ def test_prune_keeps_content_folders_by_path_and_drops_a_record_only_with_its_fo
     site.records.mkdir(parents=True)
     (site.records / "adapter-alpha.json").write_text(json.dumps({"files": {}, "dest": str(root / folders[1])}))
     (site.records / "adapter-beta.json").write_text(json.dumps({"files": {}, "dest": str(root / folders[3])}))
-    keep = [str(root / folders[0]), str(root / folders[1])]
+    # One spelled as an earlier release's argv may spell it (a data dir with a trailing slash).
+    keep = [str(root / folders[0]).replace("/adapters/", "//adapters/"), str(root / folders[1])]
     rc, result = prune(capsys, site, root, keep=keep)
     assert rc == 0 and result["removed"] == [str(root / folders[2]), str(root / folders[3])], result
     assert sorted(p.name for p in root.iterdir()) == folders[:2]

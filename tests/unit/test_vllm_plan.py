@@ -194,7 +194,7 @@ def test_secrets_stale_files_drift_and_force_each_restart_and_say_so() -> None:
         "stale": ("/etc/vllm/vllm.env", "/etc/vllm/vllm.env changed after the service started"),
         "units_changed": (["/etc/systemd/system/vllm.service"],
                           f"/etc/systemd/system/vllm.service differs from release {declared['id']}'s"),
-        "venv_built": (True, f"this run built the venv of release {declared['id']} again"),
+        "venv_built": (True, f"this run rebuilt the venv the service runs ({declared['record']['venv']})"),
         "force": (True, "a restart was asked for (vllm_force_restart)"),
     }
     for key, (value, words) in cases.items():
@@ -227,7 +227,13 @@ def test_deferred_restart_says_the_play_restarts_it() -> None:
     assert (plan["service"], plan["deferred"]) == ("restart", True)
     assert plan["why"][-1] == "deferred: the play restarts the host once it is drained"
     rolling = (REPO / "playbooks" / "rolling_restart.yml").read_text()
-    assert "(vllm_plan | default({})).service | default('nothing') == 'restart'" in rolling
+    assert "(vllm_plan | default({})).service | default('nothing') in ['restart', 'start']" in rolling
+    # A host that did not run (new, stopped, failed) is started by the play too, drained then put back.
+    started = filters.vllm_plan(facts(declared, declared, state="failed", deferred=True))
+    assert started["service"] == "start"
+    assert started["why"][-1] == "deferred: the play starts the host once it is drained"
+    service = (REPO / "roles" / "vllm" / "tasks" / "service.yml").read_text()
+    assert "state: \"{{ omit if vllm_restart_deferred and vllm_plan.service == 'start' else 'started' }}\"" in service
 
 
 def test_a_tag_subset_plans_as_the_whole_run() -> None:
@@ -265,3 +271,87 @@ def test_the_plan_reports_what_access_was_approved_never_the_key() -> None:
                       "runtime_lora_updating": False, "trust_remote_code": False, "allowed_origins": []}
     plan = filters.vllm_plan(facts(release(), release(), access=access))
     assert plan["access"] == access and key not in repr(plan)
+
+
+# --- found by review: content the release record did not carry -------------------------------------
+
+HUB_COMMIT_1, HUB_COMMIT_2 = "1" * 40, "2" * 40
+ON = {"vllm_allow_runtime_lora_updating": True}
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    # A controller model with other files.
+    ({"vllm_manifests": manifests(DIGESTS)},
+     {"vllm_manifests": manifests({**DIGESTS, "model/tiny-qwen2": "n" * 64})}),
+    # A hub model at a new commit (before: the same release id; the download replaced the
+    # folder under the running process and nothing restarted it).
+    ({"vllm_model": {"name": "tiny-qwen2", "source": "hf", "repo_id": "acme/tiny", "revision": HUB_COMMIT_1}},
+     {"vllm_model": {"name": "tiny-qwen2", "source": "hf", "repo_id": "acme/tiny", "revision": HUB_COMMIT_2}}),
+    # A model adopted in place whose files changed there (the Beelink's folder under /home).
+    ({"vllm_model": {"name": "tiny-qwen2", "source": "host", "path": "/home/op/models/tiny"},
+      "vllm_adopted": {"digests": {"model/tiny-qwen2": "h" * 64}}},
+     {"vllm_model": {"name": "tiny-qwen2", "source": "host", "path": "/home/op/models/tiny"},
+      "vllm_adopted": {"digests": {"model/tiny-qwen2": "k" * 64}}}),
+])
+def test_a_new_base_model_restarts_even_with_runtime_updating(before: dict[str, Any], after: dict[str, Any]) -> None:
+    running, declared = release(**ON, **before), release(**ON, **after)
+    assert declared["id"] != running["id"]
+    plan = filters.vllm_plan(facts(declared, running))
+    assert plan["service"] == "restart", plan
+    assert "the base model's files" in plan["why"][0]
+
+
+def test_a_hub_adapter_at_a_new_commit_is_reloaded_live_from_its_new_folder() -> None:
+    hub = {"name": "gamma", "source": "hf", "repo_id": "acme/gamma"}
+    running = release(vllm_lora_adapters=[*LOCAL_ADAPTERS, {**hub, "revision": HUB_COMMIT_1}], **ON)
+    declared = release(vllm_lora_adapters=[*LOCAL_ADAPTERS, {**hub, "revision": HUB_COMMIT_2}], **ON)
+    plan = filters.vllm_plan(facts(declared, running))
+    assert (plan["service"], plan["reload_adapters"]) == ("live", ["gamma"]), plan
+
+
+def test_an_adapter_served_from_another_folder_is_reloaded() -> None:
+    """The same content id but another folder (a release made before adapters were stored by
+    content): the running process keeps the folder it loaded, which prune may remove later."""
+    running = release(**ON)
+    moved = copy.deepcopy(running["record"])
+    moved["argv"] = [word.replace("/adapters/beta@", "/adapters/beta-old@") for word in moved["argv"]]
+    assert moved["argv"] != running["record"]["argv"]
+    plan = filters.vllm_plan(facts(release(**ON), {"id": "0123456789ab", "record": moved}))
+    assert (plan["service"], plan["reload_adapters"]) == ("live", ["beta"]), plan
+
+
+def test_an_adopted_adapter_changed_in_place_is_reloaded() -> None:
+    host_adapter = {"name": "gamma", "source": "host", "path": "/home/op/adapters/gamma"}
+    adapters = [*LOCAL_ADAPTERS, host_adapter]
+    running = release(vllm_lora_adapters=adapters, vllm_adopted={"digests": {"adapter/gamma": "1" * 64}}, **ON)
+    declared = release(vllm_lora_adapters=adapters, vllm_adopted={"digests": {"adapter/gamma": "2" * 64}}, **ON)
+    plan = filters.vllm_plan(facts(declared, running))
+    assert (plan["service"], plan["reload_adapters"]) == ("live", ["gamma"]), plan
+
+
+def test_adding_an_adopted_adapter_restarts_the_guard_must_know_its_folder() -> None:
+    """A runtime load is refused outside the folders the running access guard was started with."""
+    running = release(**ON)
+    declared = release(vllm_lora_adapters=[*LOCAL_ADAPTERS,
+                                           {"name": "gamma", "source": "host", "path": "/home/op/adapters/gamma"}], **ON)
+    plan = filters.vllm_plan(facts(declared, running))
+    assert plan["service"] == "restart" and "the unit's settings" in plan["why"][0], plan
+
+
+@pytest.mark.parametrize("override", [{"vllm_allowed_origins": ["https://app.example"]},
+                                      {"vllm_user": "inference"}, {"vllm_data_dir": "/data/vllm"}])
+def test_unit_settings_with_an_adapter_change_restart(override: dict[str, Any]) -> None:
+    """Before, a CORS, user or folder change that came with an adapter change was applied live:
+    the unit was rewritten under a process that never read it, and no later run restarted it."""
+    running = release(**ON)
+    declared = release(vllm_lora_adapters=LOCAL_ADAPTERS[:1], **ON, **override)
+    plan = filters.vllm_plan(facts(declared, running))
+    assert plan["service"] == "restart", plan
+
+
+def test_a_live_change_needs_a_serving_process() -> None:
+    """systemd restarting a crashing process (activating): the live load would fail; restart."""
+    running = release(**ON)
+    declared = release(vllm_lora_adapters=LOCAL_ADAPTERS[:1], **ON)
+    plan = filters.vllm_plan(facts(declared, running, state="activating"))
+    assert plan["service"] == "restart" and "needs a serving process" in plan["why"][0], plan

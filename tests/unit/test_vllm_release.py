@@ -237,6 +237,9 @@ def test_check_mode_activation_of_a_new_release_reports_it_and_writes_nothing(
                      _ansible_check_mode=True)
     assert rc == 0, result.get("msg")
     assert (result["changed"], result["current"], result["previous"]) == (True, B, A)
+    # The folders the kept release serves, as a real run reports them: prune's check mode must not
+    # list them for removal (before, [] here made --check announce the removal of every kept folder).
+    assert result["adapter_paths_in_use"] == ["/srv/vllm/adapters/alpha@0123456789abcdef"]
     assert snapshot(software_dir) == before
 
 
