@@ -101,7 +101,7 @@ def test_host_state_user_modes_unit_flags(deployment: Deployment, first_run) -> 
         ("/srv/vllm/models/tiny-qwen2", "root", "vllm", 0o750),
         ("/srv/vllm/adapters", "root", "vllm", 0o750),
         # Stored by content: the folder of alpha's files is named after them (name@digest).
-        (host.sh("ls -d /srv/vllm/adapters/alpha@*").stdout.strip(), "root", "vllm", 0o750),
+        (host.check_output("ls -d /srv/vllm/adapters/alpha@*"), "root", "vllm", 0o750),
         ("/etc/vllm", "root", "vllm", 0o750),
     ]:
         entry = host.file(path)
