@@ -27,16 +27,21 @@ def split_lora_modules(argv: List[Any]) -> Tuple[List[Any], List[str]]:
     return rest, modules
 
 
-def lora_module_paths(argv: List[Any]) -> List[str]:
-    """The adapter folders an argv serves (the "path" of each --lora-modules value; a value
-    that is not a JSON object, vLLM's older name=path form, gives its path too)."""
-    paths: List[str] = []
+def lora_modules(argv: List[Any]) -> List[Tuple[str, str]]:
+    """(adapter name, folder) of each --lora-modules value: a JSON object with name and path,
+    or vLLM's older name=path form."""
+    modules: List[Tuple[str, str]] = []
     for value in split_lora_modules(argv)[1]:
         try:
             module: Dict[str, Any] = json.loads(value)
-            path = module.get("path") if isinstance(module, dict) else None
+            name, path = (module.get("name"), module.get("path")) if isinstance(module, dict) else (None, None)
         except ValueError:
-            path = value.split("=", 1)[1] if "=" in value else None
+            name, path = value.split("=", 1) if "=" in value else (value, "")
         if isinstance(path, str) and path:
-            paths.append(path)
-    return paths
+            modules.append((str(name or ""), path))
+    return modules
+
+
+def lora_module_paths(argv: List[Any]) -> List[str]:
+    """The adapter folders an argv serves."""
+    return [path for _name, path in lora_modules(argv)]

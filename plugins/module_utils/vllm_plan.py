@@ -15,15 +15,15 @@ and returned as the one fact ``vllm_plan``. The tasks after it, and the plays
 
 ``why`` says it in words, one reason each, for the report and the run's output.
 Plain Python with no Ansible import: the decisions are unit-tested on release
-records recorded from real runs (tests/unit/test_vllm_plan.py).
+records the role's own variables render from the shipped inventories
+(tests/unit/test_vllm_plan.py, through Ansible's Templar).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv import split_lora_modules
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_argv import lora_modules
 
 # systemd ActiveState values of a unit whose process runs (or is being started
 # again by systemd itself, Restart=always): a change needs a restart.
@@ -62,15 +62,7 @@ def changed_adapters(names: list[str], old: dict[str, str], new: dict[str, str])
 
 def adapter_paths(argv: list[Any]) -> dict[str, str]:
     """{adapter name: the folder --lora-modules serves it from} of a release's argv."""
-    paths: dict[str, str] = {}
-    for value in split_lora_modules(argv or [])[1]:
-        try:
-            module = json.loads(value)
-        except ValueError:
-            continue
-        if isinstance(module, dict) and "name" in module and "path" in module:
-            paths[str(module["name"])] = str(module["path"])
-    return paths
+    return dict(lora_modules(argv or []))
 
 
 def _adapter_change(running: dict[str, Any], record: dict[str, Any]) -> tuple[str, list[str]]:
