@@ -44,6 +44,14 @@ options:
     description: Seconds between two looks at /health and the unit; every second of it can add to a host's time out of service.
     type: float
     default: 0.25
+  restart:
+    description:
+      - Restart the unit (C(systemctl restart)) before this slice, in the same call, so that no task's round
+        trip lies between the old process's stop and the first look at the new one. The call reports a change.
+      - Only for one call (not in an C(until) loop, which would restart again); later slices omit it.
+      - O(restarts_baseline) is then 0 (systemd resets the count on a restart it did not schedule).
+    type: bool
+    default: false
 author: vllm-lora-ansible (!UNKNOWN)
 """
 
@@ -73,12 +81,20 @@ elapsed:
   description: Seconds since the unit last became active (how long vLLM has been loading, or took to load).
   type: float
   returned: always
+ready_at:
+  description: When /health first answered 200, in seconds since the epoch by the host's clock.
+  type: float
+  returned: when ready
+restarted_at:
+  description: When the restart was asked for (the old process still served until then), epoch seconds, the host's clock.
+  type: float
+  returned: when O(restart)
 """
 
 import subprocess
 import time
 import urllib.error
-from typing import Dict
+from typing import Any, Dict
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
@@ -137,10 +153,23 @@ def main() -> None:
             "restarts_baseline": {"type": "int", "default": 0},
             "poll": {"type": "float", "default": 0.25},
             "socket": {"type": "str", "default": ""},
+            "restart": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
     url, service, bound = module.params["url"], module.params["service"], module.params["bound"]
+    done: Dict[str, Any] = {"changed": module.params["restart"]}
+    baseline = module.params["restarts_baseline"]
+    if module.params["restart"]:
+        if module.check_mode:
+            module.exit_json(ready=False, crashed=False, elapsed=0.0, msg=f"{service} would be restarted", **done)
+        done["restarted_at"] = time.time()
+        restarted = subprocess.run(["systemctl", "restart", f"{service}.service"],
+                                   capture_output=True, text=True, check=False)
+        if restarted.returncode != 0:
+            module.fail_json(msg=f"systemctl restart {service}.service failed ({restarted.returncode}): "
+                                 f"{restarted.stderr.strip()}; last journal lines:\n{journal_tail(service)}", **done)
+        baseline = 0
     deadline = time.monotonic() + module.params["slice"]
     status = 0
     while True:
@@ -150,25 +179,26 @@ def main() -> None:
         problem = socket_problem(module.params["socket"], unit_state(module.params["socket"])) \
             if status == 200 and module.params["socket"] else ""
         if problem:
-            module.exit_json(changed=False, ready=False, crashed=True, elapsed=elapsed,
-                             msg=f"{service}: {problem}; its journal:\n{journal_tail(module.params['socket'])}")
+            module.exit_json(ready=False, crashed=True, elapsed=elapsed,
+                             msg=f"{service}: {problem}; its journal:\n{journal_tail(module.params['socket'])}", **done)
         if status == 200:
-            module.exit_json(changed=False, ready=True, crashed=False, elapsed=elapsed,
-                             msg=f"{service} ready, {elapsed:.0f}s after it started")
+            module.exit_json(ready=True, crashed=False, elapsed=elapsed, ready_at=time.time(),
+                             msg=f"{service} ready, {elapsed:.0f}s after it started", **done)
         restarts = int(state.get("NRestarts", "0") or 0)
-        if state.get("ActiveState") in ("failed", "inactive") or restarts > module.params["restarts_baseline"]:
+        if state.get("ActiveState") in ("failed", "inactive") or restarts > baseline:
             module.exit_json(
-                changed=False, ready=False, crashed=True, elapsed=elapsed,
+                ready=False, crashed=True, elapsed=elapsed,
                 msg=(f"{service} stopped while loading (state {state.get('ActiveState')}/{state.get('SubState')}, "
-                     f"result {state.get('Result')}, restarts {module.params['restarts_baseline']}->{restarts}); "
+                     f"result {state.get('Result')}, restarts {baseline}->{restarts}); "
                      f"last journal lines:\n{journal_tail(service)}"),
+                **done,
             )
         if time.monotonic() >= deadline:
             break
         time.sleep(module.params["poll"])
     final = elapsed >= bound
     module.exit_json(
-        changed=False, ready=False, crashed=False, elapsed=elapsed,
+        ready=False, crashed=False, elapsed=elapsed, **done,
         msg=(f"{service}: {url}/health not ready {elapsed:.0f}s after the service started (bound {bound}s, last "
              f"status {status or 'connection refused'})"
              + (f". Raise vllm_health_timeout if the model needs longer to load; last journal lines:\n"

@@ -6,7 +6,8 @@ process's, a crash); a unit that failed, stopped or restarted since the baseline
 ends the wait at once with its journal; otherwise the slice is waited out and
 `elapsed` (seconds since the unit became active) grows, and the slice that
 reaches the bound attaches the journal and names vllm_health_timeout. It never
-changes anything, in check mode neither.
+changes anything, in check mode neither, unless asked to restart the unit first
+(restart.yml: one call from the old process's stop to the new one's answer).
 """
 
 from __future__ import annotations
@@ -68,14 +69,19 @@ def recorded(name: str) -> str:
 class Host:
     """The module's command runner: systemctl show and journalctl, answered from recordings."""
 
-    def __init__(self, shows: dict[str, list[str]], journals: dict[str, str]) -> None:
+    def __init__(self, shows: dict[str, list[str]], journals: dict[str, str],
+                 restart: Optional[subprocess.CompletedProcess[str]] = None) -> None:
         self.shows = {unit: list(names) for unit, names in shows.items()}  # one per look, the last repeats
         self.journals = journals
+        self.restart = restart
         self.calls: list[list[str]] = []
 
     def run(self, argv: list[str], capture_output: bool, text: bool, check: bool) -> subprocess.CompletedProcess[str]:
         assert capture_output and text and not check
         self.calls.append(argv)
+        if argv[:2] == ["systemctl", "restart"]:
+            assert self.restart is not None, "restarted without being asked to"
+            return self.restart
         if argv[:2] == ["systemctl", "show"]:
             assert argv[3:] == ["-p", PROPERTIES], argv  # the command the recordings were made with
             names = self.shows[argv[2]]
@@ -99,6 +105,9 @@ class Clock:
     def monotonic(self) -> float:
         return self.start + self.offset
 
+    def time(self) -> float:  # the epoch clock, for ready_at and restarted_at
+        return 1_700_000_000.0 + self.offset
+
     def clock_gettime(self, clock: int) -> float:
         assert clock == time.CLOCK_MONOTONIC
         return self.start + self.offset
@@ -116,7 +125,7 @@ def wait(capsys: pytest.CaptureFixture[str], host: Host, url: str, clock: Option
     with mock.patch.object(wait_ready, "time", clock), \
             mock.patch.object(wait_ready, "subprocess", SimpleNamespace(run=host.run)):
         rc, result = run_main(wait_ready.main, args, capsys)
-    assert result["changed"] is False, result  # it only looks
+    assert result["changed"] is bool(args.get("restart")), result  # it only looks, unless it restarts
     return rc, result, clock
 
 
@@ -249,3 +258,44 @@ def test_the_slice_that_reaches_the_bound_attaches_the_journal_and_names_the_set
                                       + recorded("restarted.journal.txt"))
     else:
         assert result["msg"].endswith(f"(bound {bound}s, last status connection refused)")
+
+
+# --- restart: true (restart.yml), the restart and the first slice in one call --------------------
+
+RESTARTED = subprocess.CompletedProcess(["systemctl", "restart", "vllm.service"], 0, "", "")
+
+
+def test_a_restart_then_the_wait_in_one_call_times_both_on_the_host(
+        health: LocalServer, capsys: pytest.CaptureFixture[str]) -> None:
+    host = Host({"vllm": ["loading.show.txt"], SOCKET: ["socket-listening.show.txt"]}, {}, restart=RESTARTED)
+    clock = Clock(LOADING_CLOCK)
+    clock.offset = 0.5  # the epoch clock reads 1_700_000_000.5 at the restart
+    rc, result, _ = wait(capsys, host, health.url, clock=clock, restart=True)
+    assert rc == 0 and result["ready"] is True, result
+    assert host.calls[0] == ["systemctl", "restart", "vllm.service"]  # before the first look
+    assert [argv[:2] for argv in host.calls[1:]] == [["systemctl", "show"]] * 2
+    assert result["restarted_at"] == 1_700_000_000.5 and result["ready_at"] == 1_700_000_000.5
+
+
+def test_after_its_own_restart_any_restart_count_is_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
+    """The baseline given is ignored: systemd reset the count with this restart, so 1 is a crash."""
+    host = Host({"vllm": ["restarted.show.txt"]}, {"vllm": "restarted.journal.txt"}, restart=RESTARTED)
+    rc, result, clock = wait(capsys, host, refused_url(), restart=True, restarts_baseline=1)
+    assert rc == 0 and (result["ready"], result["crashed"]) == (False, True), result
+    assert "restarts 0->1" in result["msg"] and "restarted_at" in result and "ready_at" not in result
+
+
+def test_a_restart_systemctl_refuses_fails_with_its_words(capsys: pytest.CaptureFixture[str]) -> None:
+    refused = subprocess.CompletedProcess(["systemctl"], 5, "", "Failed to restart vllm.service: Unit vllm.service not found.\n")
+    host = Host({"vllm": ["stopped.show.txt"]}, {"vllm": "restarted.journal.txt"}, restart=refused)
+    rc, result, _ = wait(capsys, host, refused_url(), restart=True)
+    assert rc == 1 and result["failed"] is True
+    assert result["msg"].startswith("systemctl restart vllm.service failed (5): Failed to restart vllm.service:"
+                                    " Unit vllm.service not found.; last journal lines:\n")
+    assert [argv[:2] for argv in host.calls] == [["systemctl", "restart"], ["journalctl", "-u"]]
+
+
+def test_check_mode_does_not_restart(capsys: pytest.CaptureFixture[str]) -> None:
+    host = Host({}, {})  # no restart result: a restart would fail the test
+    rc, result, _ = wait(capsys, host, refused_url(), restart=True, _ansible_check_mode=True)
+    assert rc == 0 and result["ready"] is False and host.calls == []
