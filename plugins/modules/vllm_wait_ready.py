@@ -85,8 +85,17 @@ ready_at:
   description: When /health first answered 200, in seconds since the epoch by the host's clock.
   type: float
   returned: when ready
+ready_monotonic:
+  description: The same moment on the host's CLOCK_MONOTONIC (seconds; for durations, which a clock step must not skew).
+  type: float
+  returned: when ready
 restarted_at:
   description: When the restart was asked for (the old process still served until then), epoch seconds, the host's clock.
+  type: float
+  returned: when O(restart)
+restarted_monotonic:
+  description: The same moment on the host's CLOCK_MONOTONIC; minus it, a later call's RV(ready_monotonic) is the time
+    from the restart to the first answer.
   type: float
   returned: when O(restart)
 """
@@ -164,6 +173,7 @@ def main() -> None:
         if module.check_mode:
             module.exit_json(ready=False, crashed=False, elapsed=0.0, msg=f"{service} would be restarted", **done)
         done["restarted_at"] = time.time()
+        done["restarted_monotonic"] = time.clock_gettime(time.CLOCK_MONOTONIC)
         restarted = subprocess.run(["systemctl", "restart", f"{service}.service"],
                                    capture_output=True, text=True, check=False)
         if restarted.returncode != 0:
@@ -183,6 +193,7 @@ def main() -> None:
                              msg=f"{service}: {problem}; its journal:\n{journal_tail(module.params['socket'])}", **done)
         if status == 200:
             module.exit_json(ready=True, crashed=False, elapsed=elapsed, ready_at=time.time(),
+                             ready_monotonic=time.clock_gettime(time.CLOCK_MONOTONIC),
                              msg=f"{service} ready, {elapsed:.0f}s after it started", **done)
         restarts = int(state.get("NRestarts", "0") or 0)
         if state.get("ActiveState") in ("failed", "inactive") or restarts > baseline:

@@ -309,7 +309,7 @@ def test_rolling_restart_serves_every_request(fleet: tuple[Deployment, TestHost]
         time.sleep(3)
     assert result.rc == 0, result.tail(150)
     h1, h2, h3 = deployment.pool.names
-    assert batches(result.output, "Restart the service") == [{h1}, {h2, h3}], result.tail(200)
+    assert result.batches("Restart the service") == [{h1}, {h2, h3}], result.tail(200)
     assert load.outcomes["complete"] >= 20 and load.every_client_served(), load.summary()
     assert set(load.outcomes) == {"complete"}, (load.summary(), load.errors[:5])
     # Each host was taken out by the balancer role (MAINT/DRAIN in HAProxy's own view) and came back UP;
@@ -375,15 +375,6 @@ def test_a_release_that_cannot_start_is_rolled_back_and_stops_the_roll(fleet: tu
     assert report[h3.name] == {"verified": False, "reached": False}
 
 
-def batches(output: str, task: str) -> list[set[str]]:
-    """The hosts under each run of the task named `task` in a play's output, in order."""
-    found = []
-    for block in output.split("\nTASK [")[1:]:
-        if block.split("]", 1)[0].endswith(task):
-            found.append(set(re.findall(r"^(?:changed|ok|fatal): \[([^\]\s]+)", block, re.M)))
-    return found
-
-
 def previous_release(host: TestHost) -> str:
     """The release rollback.yml returns to: the last of the host's history that is not current."""
     history = json.loads(host.sh("cat /opt/vllm/releases/history.json").stdout)["history"]
@@ -404,7 +395,7 @@ def test_rollback_playbook_returns_every_host_to_exactly_its_previous_release(
     result = deployment.play(playbook="rollback.yml", vllm_rolling_serial=[1, 2])
     assert result.rc == 0, result.tail(120)
     n1, n2, n3 = deployment.pool.names
-    assert batches(result.output, "Restart on the earlier release") == [{n1}, {n2, n3}], result.tail(200)
+    assert result.batches("Restart on the earlier release") == [{n1}, {n2, n3}], result.tail(200)
     report = deployment.report("rollback")
     for host in deployment.pool.hosts:
         now = snapshot(host)
@@ -478,7 +469,7 @@ def test_maintenance_restarts_every_host_and_reports(fleet: tuple[Deployment, Te
     assert not lock.exists()
     # vllm_rolling_serial [1, 2]: a canary alone, then the two others together (one restart task each batch).
     h1, h2, h3 = deployment.pool.names
-    assert batches(result.output, "Restart the service") == [{h1}, {h2, h3}], result.tail(200)
+    assert result.batches("Restart the service") == [{h1}, {h2, h3}], result.tail(200)
     assert set(load.outcomes) == {"complete"} and load.every_client_served(), (load.summary(), load.errors[:5])
     assert watch.sampler_errors == [] and watch.moved_failure_counters() == {}, (watch.sampler_errors, watch.last)
     assert watch.finally_up() == {host: "UP" for host in deployment.pool.names}, watch.states

@@ -34,6 +34,14 @@ class PlayResult:
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.output.splitlines()[-lines:])
 
+    def batches(self, task: str) -> list[set[str]]:
+        """The hosts under each run of the task whose name ends with `task`, in order (serial batches)."""
+        found = []
+        for block in self.output.split("\nTASK [")[1:]:
+            if block.split("]", 1)[0].endswith(task):
+                found.append(set(re.findall(r"^(?:changed|ok|fatal): \[([^\]\s]+)", block, re.M)))
+        return found
+
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
     """PLAY RECAP lines -> {host: {ok, changed, unreachable, failed, ...}}."""

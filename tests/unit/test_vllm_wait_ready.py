@@ -275,6 +275,19 @@ def test_a_restart_then_the_wait_in_one_call_times_both_on_the_host(
     assert host.calls[0] == ["systemctl", "restart", "vllm.service"]  # before the first look
     assert [argv[:2] for argv in host.calls[1:]] == [["systemctl", "show"]] * 2
     assert result["restarted_at"] == 1_700_000_000.5 and result["ready_at"] == 1_700_000_000.5
+    assert result["restarted_monotonic"] == result["ready_monotonic"] == LOADING_CLOCK + 0.5
+
+
+def test_a_restart_that_answers_after_some_polls_times_the_whole_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    """The start-up outlasting a few polls: ready_monotonic - restarted_monotonic is the time out of service."""
+    with health_server(200) as server:
+        answers = iter([0, 0, 0, 200])
+        host = Host({"vllm": ["loading.show.txt"], SOCKET: ["socket-listening.show.txt"]}, {}, restart=RESTARTED)
+        with mock.patch.object(wait_ready, "health", lambda url: next(answers)):
+            rc, result, clock = wait(capsys, host, server.url, restart=True, poll=0.1)
+    assert rc == 0 and result["ready"] is True, result
+    assert clock.slept == [0.1, 0.1, 0.1]
+    assert round(result["ready_monotonic"] - result["restarted_monotonic"], 6) == 0.3
 
 
 def test_after_its_own_restart_any_restart_count_is_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
