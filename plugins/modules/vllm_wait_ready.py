@@ -89,13 +89,10 @@ ready_monotonic:
   description: The same moment on the host's CLOCK_MONOTONIC (seconds; for durations, which a clock step must not skew).
   type: float
   returned: when ready
-restarted_at:
-  description: When the restart was asked for (the old process still served until then), epoch seconds, the host's clock.
-  type: float
-  returned: when O(restart)
 restarted_monotonic:
-  description: The same moment on the host's CLOCK_MONOTONIC; minus it, a later call's RV(ready_monotonic) is the time
-    from the restart to the first answer.
+  description: When the restart was asked for (the old process still served until then), on the host's
+    CLOCK_MONOTONIC; minus it, this or a later call's RV(ready_monotonic) is the time from the restart to the first
+    answer.
   type: float
   returned: when O(restart)
 """
@@ -172,7 +169,6 @@ def main() -> None:
     if module.params["restart"]:
         if module.check_mode:
             module.exit_json(ready=False, crashed=False, elapsed=0.0, msg=f"{service} would be restarted", **done)
-        done["restarted_at"] = time.time()
         done["restarted_monotonic"] = time.clock_gettime(time.CLOCK_MONOTONIC)
         restarted = subprocess.run(["systemctl", "restart", f"{service}.service"],
                                    capture_output=True, text=True, check=False)

@@ -344,7 +344,6 @@ def test_check_mode_roll_and_maintenance_restart_nothing_and_keep_the_reports(  
     lock.rmdir()
 
 
-
 # Every process's command line on the host, every 50 ms, while the benchmark runs (ends itself).
 CMDLINE_SAMPLER = """
 import os, time
