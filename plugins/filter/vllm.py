@@ -218,6 +218,38 @@ def vllm_in_flight(metrics: str | None) -> float:
     return in_flight(metrics)
 
 
+def _seconds(value: Any) -> float | None:
+    """A number of seconds, or None for what is not one (a skipped task's missing field, '', None)."""
+    if isinstance(value, bool) or value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def vllm_out_of_service(now: float, balancer: bool, restart_seconds: Any = "", drained: Any = None,
+                        put_back: Any = None, out_at: Any = None) -> float:
+    """Seconds a host was out of service during its restart (vllm_balancer's ready.yml), to 0.1 s.
+
+    Behind a balancer: from HAProxy's switch out (the drain call's switched_monotonic) to its switch
+    back (the ready call's), one clock on the balancer, so neither call's round trip counts (the host
+    served then). Without one: restart_seconds, the vllm role's restart-to-answer time on the host.
+    Either missing (check mode, a drain this play did not do, the balancer's clock restarted): the
+    controller's span from drain.yml's mark (out_at, epoch seconds) to now."""
+    if balancer:
+        out = _seconds((drained or {}).get("switched_monotonic"))
+        back = _seconds((put_back or {}).get("switched_monotonic"))
+        if out is not None and back is not None and back >= out:
+            return round(back - out, 1)
+    else:
+        direct = _seconds(restart_seconds)
+        if direct is not None:
+            return round(direct, 1)
+    since = _seconds(out_at)
+    return round(float(now) - (float(now) if since is None else since), 1)
+
+
 def vllm_without_lora_modules(argv: list[str]) -> list[str]:
     """The argv without the values of --lora-modules: what must match for an
     adapter change to be applied live instead of with a restart (module_utils/vllm_argv.py)."""
@@ -473,6 +505,7 @@ class FilterModule:
             "vllm_listen_stream": vllm_listen_stream,
             "vllm_check_url": vllm_check_url,
             "vllm_in_flight": vllm_in_flight,
+            "vllm_out_of_service": vllm_out_of_service,
             "vllm_identity_changes": vllm_identity_changes,
             "vllm_plan": vllm_plan,
         }

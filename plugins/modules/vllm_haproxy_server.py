@@ -85,6 +85,14 @@ sessions_at_drain:
     when it stopped taking new ones, and that the wait let finish (0 when no drain was done).
   type: int
   returned: always
+switched_monotonic:
+  description: >-
+    The balancer host's C(CLOCK_MONOTONIC) when HAProxy stopped sending the server new requests
+    (drain, maint) or sent them again (ready): right after it accepted that command, or when the call
+    began if the server already was out (or in). Two calls on one balancer give the time between the
+    two switches as HAProxy applied them, without either call's round trip.
+  type: float
+  returned: when not in check mode
 """
 
 import csv
@@ -179,9 +187,12 @@ def apply(send: Send, backend: str, server: str, state: str, wait_idle: int, pol
         return result
     target = f"set server {backend}/{server} state"
     current = before
+    # Already out (drain, maint) or already in: it switched before this call.
+    switched = clock() if in_state(before, "ready") == (state == "ready") else None
     if state != "ready" and wait_idle > 0 and not in_state(current, "maint"):
         if not in_state(current, "drain"):
             command(send, f"{target} drain")
+            switched = clock()
             current = "DRAIN"
         start = clock()
         first = True
@@ -202,6 +213,8 @@ def apply(send: Send, backend: str, server: str, state: str, wait_idle: int, pol
             sleep(poll)
     if not in_state(current, state):
         command(send, f"{target} {state}")
+        switched = clock() if switched is None else switched
+    result["switched_monotonic"] = switched
     return result
 
 

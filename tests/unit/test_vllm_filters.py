@@ -377,3 +377,38 @@ def test_the_live_change_and_adapters_yml_read_one_list_of_what_must_stay() -> N
     assert record["model"] == "{{ __vllm_engine_identity.model }}"
     assert "__vllm_content_ids['model/' ~ vllm_model.name]" in derived["__vllm_engine_identity"]["model"]
     assert record["artifacts"] == "{{ __vllm_content_ids }}"
+
+
+# --- out of service (vllm_balancer's ready.yml) --------------------------------------------------------
+# The drain and ready calls' returns as vllm_haproxy_server gives them (switched_monotonic: the balancer's
+# CLOCK_MONOTONIC); a skipped task's result has no such field.
+DRAINED = {"changed": True, "status_before": "UP", "sessions_at_drain": 1, "switched_monotonic": 5021.25}
+PUT_BACK = {"changed": True, "status_before": "MAINT", "switched_monotonic": 5035.5}
+SKIPPED = {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
+
+
+def test_behind_a_balancer_out_of_service_is_haproxy_s_switch_out_to_its_switch_back() -> None:
+    # The controller's span (out_at to now: 20 s) also counts both calls' round trips: not used.
+    assert filters.vllm_out_of_service(1000.0, True, "", DRAINED, PUT_BACK, 980.0) == 14.2
+    # A restart time of the vllm role does not replace the balancer's view (the drain came before it).
+    assert filters.vllm_out_of_service(1000.0, True, 12.0, DRAINED, PUT_BACK, 980.0) == 14.2
+
+
+@pytest.mark.parametrize(("drained", "put_back"), [
+    (SKIPPED, PUT_BACK),  # no drain in this play
+    (DRAINED, SKIPPED),
+    ({}, {}),  # check mode: neither call returns the field
+    (DRAINED, {**PUT_BACK, "switched_monotonic": 10.0}),  # the balancer rebooted in between
+    ({**DRAINED, "switched_monotonic": ""}, PUT_BACK),
+])
+def test_without_both_switches_the_controller_s_span_is_used(drained: dict[str, object],
+                                                             put_back: dict[str, object]) -> None:
+    assert filters.vllm_out_of_service(1000.0, True, "", drained, put_back, 980.25) == 19.8
+    assert filters.vllm_out_of_service(1000.0, True, "", drained, put_back, "") == 0.0
+
+
+def test_without_a_balancer_out_of_service_is_the_restart_timed_on_the_host() -> None:
+    assert filters.vllm_out_of_service(1000.0, False, 12.34, SKIPPED, SKIPPED, 980.0) == 12.3
+    assert filters.vllm_out_of_service(1000.0, False, "12.34", SKIPPED, SKIPPED, 980.0) == 12.3
+    # No restart of the vllm role's own in this play: the controller's span.
+    assert filters.vllm_out_of_service(1000.0, False, "", SKIPPED, SKIPPED, 980.0) == 20.0

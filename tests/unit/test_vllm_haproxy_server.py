@@ -53,6 +53,23 @@ class ScriptedApi:
         return self.refuse
 
 
+class Clock:
+    """A monotonic clock that ticks once per reading and notes its reading after each command the API got."""
+
+    def __init__(self, api: ScriptedApi) -> None:
+        self.api, self.now = api, 100.0
+        self.at: dict[str, float] = {}
+        self.first: float | None = None
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        if self.first is None:
+            self.first = self.now
+        for command in self.api.commands:
+            self.at.setdefault(command, self.now)
+        return self.now
+
+
 def test_real_show_stat_is_parsed_by_field_name() -> None:
     rows = hs.parse_stat(recorded("drain-maint"))
     servers = {r["svname"]: (r["status"], r["scur"]) for r in rows if r["pxname"] == "vllm"}
@@ -101,6 +118,37 @@ def test_maint_with_wait_drains_waits_for_the_sessions_then_takes_the_server_out
     assert result["changed"] is True and result["status_before"] == "UP" and result["sessions"] == 0
     # The session in flight when the drain began, which the wait let finish (the roll report shows it).
     assert result["sessions_at_drain"] == 1
+
+
+def test_switched_is_when_haproxy_accepted_the_drain_not_when_the_wait_ended() -> None:
+    """Out of service begins when HAProxy stops sending new requests (the drain), not at the maint after
+    the wait; a server already out or already in switched before the call (its start)."""
+    base = recorded("drain-maint")
+    api = ScriptedApi([with_server(base, "gpu1", "UP", 2), recorded("draining-busy"),
+                       with_server(base, "gpu1", "DRAIN", 0)])
+    clock = Clock(api)
+    result = hs.apply(api, "vllm", "gpu1", "maint", wait_idle=30, poll=0.2, clock=clock, sleep=lambda _s: None)
+    assert result["switched_monotonic"] == clock.at["set server vllm/gpu1 state drain"]
+    assert api.commands[-1] == "set server vllm/gpu1 state maint"
+    assert result["switched_monotonic"] < clock.now  # the wait for the session read the clock after it
+    back = ScriptedApi([recorded("drain-maint")])  # gpu3 MAINT
+    clock = Clock(back)
+    assert hs.apply(back, "vllm", "gpu3", "ready", wait_idle=0, poll=0.2, clock=clock)["switched_monotonic"] \
+        == clock.at["set server vllm/gpu3 state ready"]
+    # gpu2 is in DRAIN (taken to maint: still out since before the call), gpu3 in MAINT, gpu1 UP.
+    for server, state, sent in (("gpu2", "maint", ["set server vllm/gpu2 state maint"]), ("gpu3", "maint", []),
+                                ("gpu1", "ready", [])):
+        already = ScriptedApi([recorded("drain-maint")])
+        clock = Clock(already)
+        result = hs.apply(already, "vllm", server, state, wait_idle=30, poll=0.2, clock=clock,
+                          sleep=lambda _s: None)
+        assert already.commands == sent and result["switched_monotonic"] == clock.first, (server, result)
+
+
+def test_check_mode_returns_no_switch_time() -> None:
+    api = ScriptedApi([recorded("drain-maint")])
+    assert "switched_monotonic" not in hs.apply(api, "vllm", "gpu1", "maint", wait_idle=30, poll=0.2,
+                                                check_mode=True)
 
 
 def test_a_drain_that_does_not_end_fails_naming_the_sessions_and_leaves_the_server_drained() -> None:
