@@ -126,9 +126,10 @@ def bench_rolling(workdir: Path, fx: tinyqwen.Fixtures, hosts: int, with_balance
             print(f"{host.name:<26} {out_of_service:>16.1f} {startup:>15.1f} {out_of_service / startup:>6.2f} "
                   f"{out_of_service - startup:>10.1f} {stop:>15.1f} {out_of_service - startup - stop:>17.1f}")
         print("targets: overhead <= 0.5 s without a balancer, <= 1.0 s behind HAProxy. Out of service: behind a")
-        print("balancer, drain -> put back (after the adapter proof); without one, the restart -> /health 200, both")
-        print("timed on the host. Overhead = out of service - vLLM's start-up (journal: Started -> 'Application")
-        print("startup complete'); the old process's stop (journal: Stopping -> Stopped) is part of it.")
+        print("balancer, HAProxy's drain -> its put back (after the adapter proof), on the balancer's clock; without")
+        print("one, the restart -> /health 200, on the host's. Overhead = out of service - vLLM's start-up (journal:")
+        print("Started -> 'Application startup complete'); the old process's stop (journal: Stopping -> Stopped) is")
+        print("part of it.")
 
 
 def best_of(repeats: int, run) -> float:  # type: ignore[no-untyped-def]

@@ -12,6 +12,8 @@ description:
     nothing to change. This compares the newest mtime of O(paths) with the main process's start time,
     or with the mtime of O(applied_marker) when that is later (a change applied live), so the next run
     restarts it.
+  - With O(expected), it also tells which files differ from the content they must have (by sha256),
+    in the same call (the unit files rendered on the controller, compared before anything is written).
   - Read-only; C(stale) is for C(changed_when) and C(notify).
 options:
   service:
@@ -26,6 +28,10 @@ options:
   applied_marker:
     description: A file touched when a change was applied to the running service without a restart.
     type: path
+  expected:
+    description: "{path: sha256 of the content it must have}: a missing or unreadable file differs."
+    type: dict
+    default: {}
 author: vllm-lora-ansible (!UNKNOWN)
 """
 
@@ -47,12 +53,18 @@ newest:
   description: The newest path.
   type: str
   returned: always
+differs:
+  description: The paths of O(expected) whose content is not the expected one (or that are missing), sorted.
+  type: list
+  elements: str
+  returned: always
 """
 
+import hashlib
 import os
 import subprocess
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -82,25 +94,41 @@ def newest(paths: List[str]) -> Tuple[str, float]:
     return best, when
 
 
+def differing(expected: Dict[str, str]) -> List[str]:
+    """The paths whose content's sha256 is not the expected one (a missing or unreadable file differs)."""
+    found = []
+    for path, digest in sorted(expected.items()):
+        try:
+            with open(path, "rb") as handle:
+                actual = hashlib.sha256(handle.read()).hexdigest()
+        except OSError:
+            actual = ""
+        if actual != digest:
+            found.append(path)
+    return found
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "service": {"type": "str", "required": True},
             "paths": {"type": "list", "elements": "path", "required": True},
             "applied_marker": {"type": "path"},
+            "expected": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
+    differs = differing(module.params["expected"])
     started = main_start_epoch(module.params["service"])
     path, mtime = newest(module.params["paths"])
     if started is None:
-        module.exit_json(changed=False, stale=False, newest=path, msg="the service does not run")
+        module.exit_json(changed=False, stale=False, newest=path, differs=differs, msg="the service does not run")
     marker = module.params["applied_marker"]
     if marker and os.path.exists(marker):
         started = max(started, os.stat(marker).st_mtime)
     # One second of slack: file systems and clocks round differently.
     stale = mtime > started + 1
-    module.exit_json(changed=False, stale=stale, newest=path,
+    module.exit_json(changed=False, stale=stale, newest=path, differs=differs,
                      msg=f"{path} changed after the service started" if stale else "the service is current")
 
 

@@ -193,6 +193,19 @@ def test_check_diff_on_converged_host_is_clean(deployment: Deployment, first_run
     result = deployment.play("--check", "--diff")
     assert result.rc == 0, result.tail()
     assert result.changed() == 0, result.tail(120)
+    # A unit edited on the host (its mtime kept, so only its content tells) differs from its release's:
+    # the plan restarts to put it back, and the dry run shows the edit going.
+    host = deployment.pool.hosts[0]
+    unit = "/etc/systemd/system/vllm-proxy.socket"
+    host.sh(f"cp -p {unit} /root/unit.orig && echo '# edited by hand' >> {unit} && touch -r /root/unit.orig {unit}")
+    try:
+        edited = deployment.play("--check", "--diff")
+    finally:
+        host.sh(f"cp -p /root/unit.orig {unit} && rm /root/unit.orig")
+    assert edited.rc == 0, edited.tail()
+    release = Path(host.sh("readlink /opt/vllm/current").stdout.strip()).name
+    assert f"restart: {unit} differs from release {release}'s (changed on the host)" in edited.output, edited.tail(80)
+    assert "-# edited by hand" in edited.output, edited.tail(80)
 
 
 def test_adding_then_removing_an_adapter(deployment: Deployment, first_run) -> None:  # type: ignore[no-untyped-def]

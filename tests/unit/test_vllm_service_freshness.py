@@ -16,6 +16,7 @@ files are real files in tmp_path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -211,3 +212,37 @@ def test_check_mode_reports_the_pending_restart_and_touches_nothing(
     result = run(capsys, Recorded("env-changed"), paths, _ansible_check_mode=True)
     assert result["stale"] is True and result["newest"] == paths[2]
     assert {path: os.lstat(path).st_mtime_ns for path in paths} == before
+
+
+# --- expected content (service.yml: the unit files as rendered on the controller, by sha256) -----------
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("recording", ["running", "stopped"])
+def test_files_whose_content_is_not_the_expected_one_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], recording: str) -> None:
+    """In the same call as the freshness check, also when the service does not run (a first install, a
+    stopped unit): a file edited by hand, a missing one and an unreadable path differ; mtimes do not count."""
+    start = systemd_start("running")
+    paths = config_files(tmp_path, start - 3600)
+    unit, socket_unit = paths[0], paths[1]
+    Path(unit).write_text("[Service]\nExecStart=/bin/true\n")
+    Path(socket_unit).write_text("[Socket]\nListenStream=8000\n")
+    set_mtime(unit, start - 3600)
+    missing = str(tmp_path / "etc" / "vllm-proxy.service")
+    expected = {unit: sha256("[Service]\nExecStart=/bin/true\n"), socket_unit: sha256("[Socket]\nListenStream=8000\n"),
+                missing: sha256("[Service]\n"), str(tmp_path / "etc"): sha256("")}
+    result = run(capsys, Recorded(recording, "running"), paths, expected=expected)
+    assert result["differs"] == sorted([missing, str(tmp_path / "etc")])
+    # One byte changed (a trailing newline removed), same size class and an old mtime: it differs.
+    Path(socket_unit).write_text("[Socket]\nListenStream=8000")
+    set_mtime(socket_unit, start - 3600)
+    result = run(capsys, Recorded(recording, "running"), paths, expected={unit: expected[unit], socket_unit: expected[socket_unit]})
+    assert result["differs"] == [socket_unit] and result["stale"] is False
+
+
+def test_without_expected_content_nothing_differs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = config_files(tmp_path, systemd_start("running") - 3600)
+    assert run(capsys, Recorded("running"), paths)["differs"] == []
