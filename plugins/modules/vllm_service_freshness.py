@@ -60,13 +60,13 @@ differs:
   returned: always
 """
 
-import hashlib
 import os
 import subprocess
 import time
 from typing import Dict, List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.inference.vllm_lora.plugins.module_utils.vllm_files import sha256_file
 
 
 def main_start_epoch(service: str) -> Optional[float]:
@@ -99,8 +99,7 @@ def differing(expected: Dict[str, str]) -> List[str]:
     found = []
     for path, digest in sorted(expected.items()):
         try:
-            with open(path, "rb") as handle:
-                actual = hashlib.sha256(handle.read()).hexdigest()
+            actual = sha256_file(path)
         except OSError:
             actual = ""
         if actual != digest:
